@@ -1,0 +1,5 @@
+import sys
+
+from lsbert.cli import main
+
+sys.exit(main())

@@ -1,0 +1,192 @@
+"""When to train: Label Studio fit events become at most one run per project at a time.
+
+- ``START_TRAINING`` always asks for a run.
+- ``ANNOTATION_CREATED``/``ANNOTATION_UPDATED``/``ANNOTATIONS_DELETED`` (and bulk ``ANNOTATIONS_CREATED``)
+  count per project; every ``START_TRAINING_EACH_N_UPDATES`` changes ask for a run (0 disables).
+- A request while the project's run is active sets one follow-up: however many arrive, exactly one
+  more run starts when the active one finishes, so the newest labels are always trained on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional
+
+from lsbert.launcher.base import Launcher, LaunchError, Run, RunPhase
+from lsbert.predictor import metrics
+from lsbert.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+START_TRAINING = "START_TRAINING"
+UPDATE_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "ANNOTATIONS_CREATED"}
+WEBHOOK_BUDGET_S = 0.5  # Label Studio gives event webhooks 1 s
+
+
+def updates_in(action: str, payload: dict[str, Any]) -> int:
+    """How many annotation changes one event carries."""
+    if action == "ANNOTATIONS_DELETED":
+        items = payload.get("annotations")
+        return len(items) if isinstance(items, list) and items else 1
+    if action == "ANNOTATIONS_CREATED":
+        items = payload.get("annotation")
+        return len(items) if isinstance(items, list) and items else 1
+    return 1
+
+
+@dataclass
+class ProjectTraining:
+    updates: int = 0
+    active: Optional[Run] = None
+    last: Optional[Run] = None
+    follow_up: bool = False
+    runs_started: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "updates_since_last_trigger": self.updates,
+            "active": self.active.as_dict() if self.active else None,
+            "last": self.last.as_dict() if self.last else None,
+            "follow_up_pending": self.follow_up,
+            "runs_started": self.runs_started,
+        }
+
+
+class TrainingScheduler:
+    def __init__(self, launcher: Launcher, store: CheckpointStore, *, every_n_updates: int, version_name: str,
+                 train_args: Optional[list[str]] = None, poll_seconds: float = 2.0,
+                 on_finished: Optional[Callable[[int, Run], Awaitable[None]]] = None):
+        self.launcher = launcher
+        self.store = store
+        self.every_n_updates = every_n_updates
+        self.version_name = version_name
+        self.train_args = list(train_args or [])
+        self.poll_seconds = poll_seconds
+        self.on_finished = on_finished
+        self._projects: dict[int, ProjectTraining] = {}
+        self._watch_task: Optional[asyncio.Task] = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def _state(self, project: int) -> ProjectTraining:
+        state = self._projects.get(project)
+        if state is None:
+            state = self._projects[project] = ProjectTraining()
+        return state
+
+    def status(self) -> dict[str, Any]:
+        return {str(p): s.as_dict() for p, s in sorted(self._projects.items())}
+
+    # --- events -------------------------------------------------------------------------------------
+    async def handle_event(self, action: str, project: int, payload: dict[str, Any]) -> dict[str, Any]:
+        if action == START_TRAINING:
+            return await self._request_within_budget(project, "START_TRAINING")
+        if action in UPDATE_EVENTS:
+            state = self._state(project)
+            state.updates += updates_in(action, payload)
+            if self.every_n_updates and state.updates >= self.every_n_updates:
+                log.info("project %s: %d annotation changes since the last trigger", project, state.updates)
+                state.updates = 0
+                return await self._request_within_budget(project, f"{self.every_n_updates} annotation changes")
+            return {"status": "ok", "action": action, "updates": state.updates}
+        return {"status": "ignored", "action": action}
+
+    async def _request_within_budget(self, project: int, reason: str) -> dict[str, Any]:
+        task = asyncio.get_running_loop().create_task(self.request_run(project, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            run, collapsed = await asyncio.wait_for(asyncio.shield(task), WEBHOOK_BUDGET_S)
+        except asyncio.TimeoutError:
+            return {"status": "accepted", "project": project}
+        except LaunchError as exc:
+            return {"status": "error", "project": project, "message": str(exc)}
+        answer = {"status": "queued" if collapsed else "started", "project": project}
+        if run is not None:
+            answer["job"] = run.run_id
+        return answer
+
+    async def request_run(self, project: int, reason: str) -> tuple[Optional[Run], bool]:
+        """Start a run, or record one follow-up if a run is active. Returns (run, collapsed)."""
+        state = self._state(project)
+        async with state.lock:
+            if state.active is None:
+                adopted = await asyncio.to_thread(self.launcher.active_run, project)
+                if adopted is not None:
+                    log.info("project %s: adopting active training run %s", project, adopted.run_id)
+                    state.active = adopted
+                    self._ensure_watching()
+            if state.active is not None:
+                state.follow_up = True
+                log.info("project %s: %s while %s runs; one follow-up run queued", project, reason, state.active.version)
+                return state.active, True
+            return await self._launch(project, state, reason), False
+
+    async def _launch(self, project: int, state: ProjectTraining, reason: str) -> Run:
+        try:
+            version = await asyncio.to_thread(self.store.next_version, project, self.version_name)
+            run = await asyncio.to_thread(self.launcher.launch, project, version, self.train_args)
+        except Exception as exc:
+            metrics.TRAINING_RUNS.labels("launch_failed").inc()
+            state.last = Run(project, "", "", RunPhase.FAILED, finished_at=time.time(), message=f"launch failed: {exc}")
+            log.error("project %s: cannot launch a training run: %s", project, exc)
+            raise LaunchError(str(exc)) from None
+        state.active = run
+        state.runs_started += 1
+        metrics.TRAINING_RUNS.labels("started").inc()
+        log.info("project %s: training run %s launched (%s)", project, run.run_id, reason)
+        self._ensure_watching()
+        return run
+
+    # --- watching runs ------------------------------------------------------------------------------
+    def _ensure_watching(self) -> None:
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="lsbert-training-watch")
+
+    async def _watch(self) -> None:
+        while any(s.active for s in self._projects.values()):
+            await asyncio.sleep(self.poll_seconds)
+            for project, state in list(self._projects.items()):
+                if state.active is not None:
+                    await self.check(project)
+
+    async def check(self, project: int) -> None:
+        state = self._state(project)
+        async with state.lock:
+            run = state.active
+            if run is None:
+                return
+            try:
+                run = await asyncio.to_thread(self.launcher.poll, run)
+            except Exception as exc:  # the backend is unreachable for a moment; try again next tick
+                log.warning("project %s: cannot read the state of run %s: %s", project, run.run_id, exc)
+                return
+            if not run.phase.finished:
+                return
+            state.active, state.last = None, run
+            metrics.TRAINING_RUNS.labels(run.phase.value).inc()
+            if run.phase is RunPhase.FAILED:
+                log.error("project %s: training run %s failed: %s", project, run.version, run.message)
+            else:
+                log.info("project %s: training run %s finished", project, run.version)
+            follow_up, state.follow_up = state.follow_up, False
+        if self.on_finished is not None:
+            try:
+                await self.on_finished(project, run)
+            except Exception as exc:
+                log.error("project %s: after run %s: %s", project, run.version, exc)
+        if follow_up:
+            try:
+                await self.request_run(project, "follow-up of requests during the last run")
+            except LaunchError:
+                pass
+
+    async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.to_thread(self.launcher.close)

@@ -1,0 +1,98 @@
+"""Keeps torch off the event loop: one worker thread runs every forward pass, and requests that queue up
+while it is busy are merged into one batch (opportunistic micro-batching, no added wait when idle).
+Large requests are cut into chunks so that a 10,000-task request does not starve single-task ones."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+
+from lsbert.predictor import metrics
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256  # texts per queued job
+
+
+@dataclass
+class _Job:
+    key: Hashable
+    texts: list[str]
+    run: Callable[[Sequence[str]], np.ndarray]
+    future: asyncio.Future = field(repr=False)
+
+
+class InferenceQueue:
+    def __init__(self, max_batch: int = 256):
+        self.max_batch = max_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsbert-infer")
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task | None = None
+
+    def _ensure_worker(self) -> asyncio.Queue:
+        if self._queue is None or self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name="lsbert-inference")
+        return self._queue
+
+    async def run(self, key: Hashable, texts: Sequence[str], run: Callable[[Sequence[str]], np.ndarray]) -> np.ndarray:
+        """Compute ``run(texts)`` on the worker thread; jobs with the same ``key`` may share a forward pass."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        queue = self._ensure_worker()
+        loop = asyncio.get_running_loop()
+        futures = []
+        for start in range(0, len(texts), CHUNK):
+            future = loop.create_future()
+            queue.put_nowait(_Job(key, list(texts[start : start + CHUNK]), run, future))
+            futures.append(future)
+        parts = await asyncio.gather(*futures)
+        return np.concatenate(parts, axis=0)
+
+    async def _work(self) -> None:
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        held: list[_Job] = []
+        while True:
+            job = held.pop(0) if held else await queue.get()
+            group = [job]
+            size = len(job.texts)
+            # Merge what else is waiting for the same model, in arrival order.
+            while not queue.empty() and size < self.max_batch:
+                other = queue.get_nowait()
+                if other.key == job.key and size + len(other.texts) <= self.max_batch:
+                    group.append(other)
+                    size += len(other.texts)
+                else:
+                    held.append(other)
+            group = [g for g in group if not g.future.cancelled()]
+            if not group:
+                continue
+            texts = [t for g in group for t in g.texts]
+            metrics.BATCH_SIZE.observe(len(texts))
+            try:
+                out = await loop.run_in_executor(self._executor, job.run, texts)
+            except Exception as exc:  # surfaced to each waiting request, which decides what it means
+                for g in group:
+                    if not g.future.done():
+                        g.future.set_exception(exc)
+                continue
+            offset = 0
+            for g in group:
+                if not g.future.done():
+                    g.future.set_result(out[offset : offset + len(g.texts)])
+                offset += len(g.texts)
+
+    def submit_blocking(self, fn, *args):
+        """Run any other torch work (warm-up, loads that must not overlap a forward pass) on the worker."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

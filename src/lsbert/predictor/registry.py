@@ -1,0 +1,205 @@
+"""Which model serves each project, loaded once per process and swapped atomically on a new version.
+
+Until a project has a promoted fine-tuned checkpoint it is served by the zero-shot baseline. Loaded
+checkpoints are kept in a small LRU; an evicted one is reloaded on its next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from lsbert.labelconfig import ClassificationSpec
+from lsbert.modelsource import short_name
+from lsbert.predictor import metrics
+from lsbert.predictor.engine import Runtime, SequenceClassifier, ZeroShotClassifier, release_memory
+from lsbert.store import CheckpointStore, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A model answering for one project: a fine-tuned checkpoint or the zero-shot baseline."""
+
+    version: str
+    kind: str  # "finetuned" | "zeroshot"
+    labels: tuple[str, ...]
+    multi_label: bool
+    classifier: object
+
+    def key(self, spec: ClassificationSpec):
+        return (id(self.classifier), spec.labels, spec.multi_label) if self.kind == "zeroshot" else id(self.classifier)
+
+    def runner(self, spec: ClassificationSpec):
+        if self.kind == "zeroshot":
+            return lambda texts: self.classifier.predict_proba(texts, spec.labels, spec.multi_label)
+        return self.classifier.predict_proba
+
+
+class ModelRegistry:
+    def __init__(self, store: CheckpointStore, runtime: Runtime, baseline_name: str, *, max_loaded: int = 4,
+                 max_length: int = 0, batch_size: int = 64, hf_token: Optional[str] = None):
+        self.store = store
+        self.runtime = runtime
+        self.baseline_name = baseline_name
+        self.max_loaded = max_loaded
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.hf_token = hf_token
+        self.zero_shot: Optional[ZeroShotClassifier] = None
+        self._loaded: "OrderedDict[int, Served]" = OrderedDict()
+        self._pointers: dict[int, Optional[str]] = {}
+        self._specs: dict[int, ClassificationSpec] = {}
+        self._lock = threading.Lock()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsbert-load")
+        self._loading: dict[tuple[int, str], asyncio.Future] = {}
+        self._reported: dict[int, str] = {}  # zero-shot version last exported as a metric, per project
+
+    # --- start-up ---------------------------------------------------------------------------------
+    def load_baseline(self) -> None:
+        """Blocking: load and warm up the baseline encoder (readiness waits for this)."""
+        self.zero_shot = ZeroShotClassifier(self.baseline_name, self.runtime, self.max_length, self.batch_size, self.hf_token)
+        self.zero_shot.warm_up()
+        log.info("baseline %s loaded on %s (%s)", self.baseline_name, self.runtime.device, self.runtime.precision)
+
+    # --- project configs ----------------------------------------------------------------------------
+    def remember(self, project: int, spec: ClassificationSpec) -> None:
+        self._specs[project] = spec
+
+    def spec(self, project: int) -> Optional[ClassificationSpec]:
+        return self._specs.get(project)
+
+    def known_projects(self) -> list[int]:
+        return sorted(set(self._specs) | set(self._loaded) | {p for p, v in self._pointers.items() if v})
+
+    # --- versions -----------------------------------------------------------------------------------
+    def zero_shot_version(self, spec: ClassificationSpec) -> str:
+        return f"zeroshot-{short_name(self.baseline_name)}-{spec.fingerprint}"
+
+    def set_pointer(self, project: int, version: Optional[str]) -> None:
+        self._pointers[project] = version
+
+    def pointer(self, project: int) -> Optional[str]:
+        """The promoted version as last read from the store (read once if never read)."""
+        if project not in self._pointers:
+            try:
+                self._pointers[project] = self.store.promoted(project)
+            except StoreError as exc:
+                log.warning("cannot read the promoted version of project %s: %s", project, exc)
+                return None
+        return self._pointers[project]
+
+    def loaded(self, project: int) -> Optional[Served]:
+        with self._lock:
+            return self._loaded.get(project)
+
+    def version_for(self, project: int, spec: ClassificationSpec) -> str:
+        """The version /setup reports: what /predict will serve for this project right now."""
+        served = self.loaded(project)
+        if served is not None and _compatible(served, spec):
+            return served.version
+        if served is None and self.pointer(project):
+            return self.pointer(project)
+        return self.zero_shot_version(spec)
+
+    def serving_summary(self) -> dict[str, str]:
+        summary = {}
+        for project in self.known_projects():
+            spec = self._specs.get(project)
+            loaded = self.loaded(project)
+            summary[str(project)] = self.version_for(project, spec) if spec else (loaded.version if loaded else self.pointer(project) or "-")
+        return summary
+
+    # --- serving ------------------------------------------------------------------------------------
+    def _zero_shot_served(self, spec: ClassificationSpec, project: Optional[int] = None) -> Served:
+        version = self.zero_shot_version(spec)
+        if project is not None and self._reported.get(project) != version:
+            previous = self._reported.get(project)
+            if previous:
+                metrics.SERVING_MODEL.labels(str(project), previous, "zeroshot").set(0)
+            metrics.SERVING_MODEL.labels(str(project), version, "zeroshot").set(1)
+            self._reported[project] = version
+        return Served(version, "zeroshot", spec.labels, spec.multi_label, self.zero_shot)
+
+    async def acquire(self, project: int, spec: ClassificationSpec) -> Served:
+        served = self.loaded(project)
+        if served is None:
+            version = self.pointer(project)
+            if version:
+                try:
+                    served = await self.ensure_loaded(project, version)
+                except Exception as exc:  # a broken checkpoint must not take the project down
+                    log.error("project %s: cannot load %s (%s); serving the zero-shot baseline", project, version, exc)
+                    served = None
+        if served is not None and _compatible(served, spec):
+            with self._lock:
+                if project in self._loaded:
+                    self._loaded.move_to_end(project)
+            return served
+        return self._zero_shot_served(spec, project)
+
+    def _load_blocking(self, project: int, version: str) -> Served:
+        path = self.store.local_path(project, version)
+        classifier = SequenceClassifier(path, self.runtime, self.max_length, self.batch_size)
+        classifier.warm_up()
+        return Served(version, "finetuned", classifier.labels, classifier.multi_label, classifier)
+
+    async def ensure_loaded(self, project: int, version: str) -> Served:
+        """Load ``version`` in the background (once, however many callers ask) and swap it in."""
+        current = self.loaded(project)
+        if current is not None and current.version == version:
+            return current
+        key = (project, version)
+        future = self._loading.get(key)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._loader, self._load_blocking, project, version)
+            self._loading[key] = future
+            future.add_done_callback(lambda _f: self._loading.pop(key, None))
+        served = await asyncio.shield(future)
+        self._swap(project, served)
+        return served
+
+    def _swap(self, project: int, served: Served) -> None:
+        evicted: list[Served] = []
+        with self._lock:
+            old = self._loaded.get(project)
+            if old is not None and old.version == served.version:
+                return
+            self._loaded[project] = served  # one assignment: requests see the old or the new model, never a mix
+            self._loaded.move_to_end(project)
+            while len(self._loaded) > self.max_loaded:
+                _, victim = self._loaded.popitem(last=False)
+                evicted.append(victim)
+        self._pointers[project] = served.version
+        if old is not None:
+            metrics.SERVING_MODEL.labels(str(project), old.version, old.kind).set(0)
+            metrics.MODEL_SWAPS.inc()
+            log.info("project %s: swapped %s -> %s", project, old.version, served.version)
+        else:
+            log.info("project %s: serving %s", project, served.version)
+        metrics.SERVING_MODEL.labels(str(project), served.version, served.kind).set(1)
+        if project in self._reported:
+            metrics.SERVING_MODEL.labels(str(project), self._reported.pop(project), "zeroshot").set(0)
+        # In-flight requests keep their reference to the old model; memory returns once they finish.
+        del old, evicted
+        release_memory()
+
+    async def predict(self, served: Served, spec: ClassificationSpec, texts: Sequence[str], queue) -> np.ndarray:
+        return await queue.run(served.key(spec), texts, served.runner(spec))
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _compatible(served: Served, spec: ClassificationSpec) -> bool:
+    """A checkpoint can answer for the config if it shares at least one label and the choice mode."""
+    return served.multi_label == spec.multi_label and bool(set(served.labels) & set(spec.labels))

@@ -1,0 +1,161 @@
+"""The Label Studio ML backend API (as Label Studio 1.23 speaks it), on the KServe FastAPI app.
+
+Handlers only parse and validate, call the predictor service or the training scheduler, and shape the
+answer. Malformed requests get a 4xx with a message Label Studio shows to the user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+
+from lsbert.labelconfig import LabelConfigError
+from lsbert.predictor import metrics
+from lsbert.predictor.auth import BasicAuth
+from lsbert.predictor.service import PredictorService, UnknownProject, parse_project_id
+
+log = logging.getLogger(__name__)
+
+MAX_TASKS = 100_000
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        raise HTTPException(400, "the request body is empty; expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the request body must be a JSON object")
+    return body
+
+
+def _project(value: Any, where: str) -> int:
+    try:
+        return parse_project_id(value)
+    except ValueError as exc:
+        raise HTTPException(400, f"{where}: {exc}") from None
+
+
+class LabelStudioEndpoints:
+    def __init__(self, service: PredictorService, scheduler=None, store=None):
+        self.service = service
+        self.scheduler = scheduler
+        self.store = store
+
+    async def health(self) -> dict[str, Any]:
+        return {
+            "status": "UP",
+            "model_class": "lsbert",
+            "ready": self.service.ready,
+            "baseline": self.service.registry.baseline_name,
+            "serving": self.service.registry.serving_summary(),
+            "training": self.scheduler.status() if self.scheduler else {},
+        }
+
+    async def setup(self, request: Request) -> dict[str, Any]:
+        with metrics.REQUEST_SECONDS.labels("setup").time():
+            body = await _json_body(request)
+            project = _project(body.get("project"), "setup")
+            try:
+                version = self.service.setup(project, body.get("schema"))
+            except LabelConfigError as exc:
+                raise HTTPException(422, f"lsbert cannot serve this labelling config: {exc}") from None
+            except UnknownProject as exc:
+                raise HTTPException(404, str(exc)) from None
+            return {"model_version": version}
+
+    async def predict(self, request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        body = await _json_body(request)
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise HTTPException(400, "'tasks' must be a list of Label Studio tasks")
+        if len(tasks) > MAX_TASKS:
+            raise HTTPException(413, f"{len(tasks)} tasks in one request; at most {MAX_TASKS}")
+        if not self.service.ready:
+            raise HTTPException(503, "the model is still loading; retry in a few seconds")
+        project_field = body.get("project")
+        if project_field is None and tasks and isinstance(tasks[0], dict):
+            project_field = tasks[0].get("project")
+        project = _project(project_field, "predict")
+        try:
+            spec = self.service.resolve_spec(project, body.get("label_config"))
+        except LabelConfigError as exc:
+            raise HTTPException(422, f"lsbert cannot serve this labelling config: {exc}") from None
+        except UnknownProject as exc:
+            raise HTTPException(404, str(exc)) from None
+        version, results = await self.service.predict_tasks(project, spec, tasks)
+        metrics.REQUEST_SECONDS.labels("predict").observe(time.perf_counter() - started)
+        return {"results": results, "model_version": version}
+
+    async def webhook(self, request: Request) -> dict[str, Any]:
+        body = await _json_body(request)
+        action = body.get("action")
+        if not isinstance(action, str) or not action:
+            raise HTTPException(400, "a webhook body needs an 'action'")
+        metrics.WEBHOOK_EVENTS.labels(action).inc()
+        project_obj = body.get("project")
+        project_value = project_obj.get("id") if isinstance(project_obj, dict) else project_obj
+        if project_value is None:
+            return {"status": "ignored", "action": action, "reason": "no project in the event"}
+        project = _project(project_value, "webhook")
+        if isinstance(project_obj, dict) and isinstance(project_obj.get("label_config"), str):
+            try:
+                self.service.registry.remember(project, self.service.spec_from_config(project_obj["label_config"]))
+            except LabelConfigError:
+                pass  # the event is still counted; /predict reports the config problem
+        if self.scheduler is None:
+            return {"status": "ignored", "action": action, "reason": "training is disabled"}
+        return await self.scheduler.handle_event(action, project, body)
+
+    async def train(self, request: Request) -> dict[str, Any]:
+        """Legacy ``POST /train`` (Label Studio with the webhook feature flag off): same as START_TRAINING."""
+        body = await _json_body(request)
+        project = _project(body.get("project"), "train")
+        if self.scheduler is None:
+            raise HTTPException(409, "training is disabled (TRAINING_LAUNCHER=none)")
+        return await self.scheduler.handle_event("START_TRAINING", project, body)
+
+    async def versions(self, project: Optional[str] = None) -> dict[str, Any]:
+        if self.store is None:
+            raise HTTPException(404, "no checkpoint store configured")
+        projects = [_project(project, "versions")] if project else self.service.registry.known_projects()
+        if not project:
+            projects = sorted(set(projects) | set(self.store.projects()))
+        details: dict[str, Any] = {}
+        names: list[str] = []
+        for pid in projects:
+            promoted = self.store.promoted(pid)
+            entries = []
+            for info in reversed(self.store.versions(pid)):
+                names.append(info.version)
+                entries.append({
+                    "version": info.version,
+                    "promoted": info.version == promoted,
+                    "created_at": info.metadata.get("created_at"),
+                    "metrics": info.metrics,
+                    "promotion": info.metadata.get("promotion"),
+                })
+            details[str(pid)] = {"promoted": promoted, "versions": entries}
+        return {"versions": names, "projects": details}
+
+
+def register_label_studio_routes(app: FastAPI, endpoints: LabelStudioEndpoints, auth: BasicAuth, prefix: str = "") -> None:
+    guarded = APIRouter(prefix=prefix, dependencies=[Depends(auth)])
+    open_router = APIRouter(prefix=prefix)
+    open_router.add_api_route("/health", endpoints.health, methods=["GET"])
+    open_router.add_api_route("/", endpoints.health, methods=["GET"])
+    guarded.add_api_route("/setup", endpoints.setup, methods=["POST"])
+    guarded.add_api_route("/predict", endpoints.predict, methods=["POST"])
+    guarded.add_api_route("/webhook", endpoints.webhook, methods=["POST"])
+    guarded.add_api_route("/train", endpoints.train, methods=["POST"])
+    guarded.add_api_route("/versions", endpoints.versions, methods=["GET"])
+    app.include_router(open_router)
+    app.include_router(guarded)

@@ -1,0 +1,139 @@
+"""Builds the predictor process: one KServe model server whose FastAPI app also carries the Label Studio
+routes, the training scheduler and the rollout watcher. The server answers at once; the model becomes
+ready (``/v1/models/<name>``) once the baseline is loaded and warmed up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from lsbert import logs
+from lsbert.settings import LauncherKind, Settings, get_settings
+
+log = logging.getLogger("lsbert")
+
+
+def make_launcher(settings: Settings):
+    if settings.training_launcher is LauncherKind.NONE:
+        return None
+    if settings.training_launcher is LauncherKind.KUBERNETES:
+        from lsbert.launcher.kubernetes import KubernetesLauncher
+
+        return KubernetesLauncher.from_environment(settings)
+    from lsbert.launcher.local import LocalLauncher
+
+    return LocalLauncher(Path(settings.cache_dir) / "runs")
+
+
+def _secrets(settings: Settings) -> list[str]:
+    values = [settings.basic_auth_pass, settings.label_studio_api_key, settings.hf_token]
+    values = [v.get_secret_value() for v in values if v is not None]
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        if os.environ.get(name):
+            values.append(os.environ[name])
+    return values
+
+
+def build(settings: Settings):
+    """Everything but the HTTP server; returns (model, endpoints, scheduler, watcher, service)."""
+    from lsbert.launcher.scheduler import TrainingScheduler
+    from lsbert.predictor.engine import select_runtime
+    from lsbert.predictor.kserve_model import LsbertModel
+    from lsbert.predictor.registry import ModelRegistry
+    from lsbert.predictor.routes import LabelStudioEndpoints
+    from lsbert.predictor.service import PredictorService
+    from lsbert.rollout.watcher import RolloutWatcher
+    from lsbert.store import open_store
+
+    store = open_store(settings.model_dir, settings.cache_dir)
+    runtime = select_runtime(settings.precision, settings.torch_threads)
+    registry = ModelRegistry(
+        store, runtime, settings.baseline_model_name, max_loaded=settings.max_loaded_models,
+        max_length=settings.max_length, batch_size=settings.predict_batch_size,
+        hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+    )
+    service = PredictorService(
+        registry, threshold=settings.multi_label_threshold, label_studio_url=settings.label_studio_url,
+        label_studio_api_key=settings.label_studio_api_key.get_secret_value() if settings.label_studio_api_key else None,
+        cache_dir=Path(settings.cache_dir),
+    )
+    watcher = RolloutWatcher(registry, store, settings.rollout_poll_seconds)
+    launcher = make_launcher(settings)
+    scheduler = None
+    if launcher is not None:
+        scheduler = TrainingScheduler(
+            launcher, store, every_n_updates=settings.start_training_each_n_updates,
+            version_name=settings.finetuned_model_name, on_finished=watcher.notify,
+        )
+    endpoints = LabelStudioEndpoints(service, scheduler, store)
+    model = LsbertModel(settings.model_name, service)
+    return model, endpoints, scheduler, watcher, service
+
+
+def serve(host: str = "127.0.0.1", port: int = 9090, settings: Settings | None = None) -> int:
+    settings = settings or get_settings()
+    os.environ.setdefault("KSERVE_LOGLEVEL", settings.log_level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import kserve  # noqa: F401  (parses argv at import; our flags are unknown to it and ignored)
+    from kserve import ModelServer
+    from kserve.model_server import app
+    from kserve.protocol.rest.server import RESTServer
+    from transformers.utils import logging as hf_logging
+
+    from lsbert.predictor.auth import BasicAuth
+    from lsbert.predictor.routes import register_label_studio_routes
+
+    hf_logging.disable_progress_bar()
+    model, endpoints, scheduler, watcher, service = build(settings)
+    register_label_studio_routes(
+        app, endpoints,
+        BasicAuth(settings.basic_auth_user, settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else None),
+    )
+    server = ModelServer(http_port=port, enable_grpc=False, workers=1, max_asyncio_workers=settings.threads,
+                         enable_docs_url=False)
+    logs.configure(settings.log_level, _secrets(settings))
+    server.registered_models.update(model)
+    rest = RESTServer("kserve.model_server:app", server.dataplane, server.model_repository_extension, port,
+                      workers=1, grace_period=server.grace_period, timeout_keep_alive=server.timeout_keep_alive)
+    rest.config.host = host  # kserve binds 0.0.0.0; the quickstart listens on loopback only
+
+    async def main() -> None:
+        server.setup_event_loop()
+        loop = asyncio.get_running_loop()
+
+        async def load() -> None:
+            try:
+                await loop.run_in_executor(None, model.load)
+            except Exception as exc:
+                log.critical("cannot load the baseline model %s: %s", settings.baseline_model_name, exc)
+                os._exit(3)
+            # The hub is reachable at start (BASELINE_MODEL_NAME may be an id); never at request time.
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            log.info("ready: http://%s:%d (model %s)", host, port, settings.model_name)
+            watcher.start()
+
+        loader = loop.create_task(load())
+        try:
+            await rest.start()
+        finally:
+            loader.cancel()
+            watcher.stop()
+            if scheduler is not None:
+                await scheduler.close()
+            service.close()
+
+    log.info("lsbert %s starting on %s:%d; baseline %s; checkpoints in %s", _version(), host, port,
+             settings.baseline_model_name, settings.model_dir)
+    asyncio.run(main())
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lsbert")
+    except PackageNotFoundError:
+        return "dev"
