@@ -4,7 +4,8 @@ Layout under the root (``MODEL_DIR``)::
 
     <root>/<project>/<version>/          one immutable checkpoint (save_pretrained output + lsbert.json)
     <root>/<project>/<version>/lsbert.json   metadata; written LAST: a version without it is incomplete
-    <root>/<project>/PROMOTED            pointer {"version": ..., "promoted_at": ...}; replaced atomically
+    <root>/<project>/PROMOTED            pointer {"version": ..., "promoted_at": ..., "previous": ...};
+                                         replaced atomically ("previous" only when there was one)
     <root>/<project>/.reserved-<NNNN>    sequence reservation taken by next_version (create-if-absent)
 
 Versions are ``<FINETUNED_MODEL_NAME>-<NNNN>`` with a per-project sequence number. Readers only ever see
@@ -12,7 +13,7 @@ complete versions, and the pointer only ever names a complete version: a crash a
 previously promoted version serving.
 
 Store-managed bookkeeping lives under the ``"_store"`` key of lsbert.json (``version``, ``project``,
-``saved_at``, a unique ``save_id`` and a ``files`` manifest ``{relpath: {"size": ...}}``); callers' own
+``saved_at``, a unique ``save_id`` and a ``files`` manifest ``{relpath: {"size": ..., "etag": ...(S3)}}``); callers' own
 metadata sits next to it and ``update_metadata`` may not touch it. Names starting with ``.`` under a
 project (staging dirs, reservations, temp files) are never versions.
 """
@@ -136,8 +137,10 @@ class CheckpointStore(ABC):
     """Abstract store; ``open_store(uri)`` picks the implementation from the URI."""
 
     root: str
-    #: Test hook: called with a step name ("save:file:<rel>", "save:before-metadata", "promote:after-pointer",
-    #: ...) at every point where a crash must leave the store consistent. None in production.
+    #: Test hook: called with a step name at every point where a crash must leave the store consistent:
+    #: save:file:<rel> (after each file), save:before-metadata, save:after-metadata, save:after-rename (local),
+    #: promote:before-pointer, promote:after-temp (local), promote:after-pointer, and for S3 downloads
+    #: download:file:<rel>, download:before-metadata, download:after-rename. None in production.
     fault_hook: Optional[FaultHook] = None
 
     def _fault(self, step: str) -> None:

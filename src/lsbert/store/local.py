@@ -1,0 +1,427 @@
+"""LocalStore: the checkpoint store on a directory (a local disk or a mounted ReadWriteMany PVC).
+
+Crash safety comes from POSIX renames: a version is assembled (and fsynced) in a hidden staging dir
+``<root>/<project>/.staging-<version>-<rand>/`` with lsbert.json written last, then renamed into place in
+one step; the PROMOTED pointer and lsbert.json rewrites go through a temp file + ``os.replace``. Sequence
+numbers are reserved with ``O_CREAT|O_EXCL`` marker files ``.reserved-<NNNN>``, which is atomic on local
+filesystems and on NFSv3+.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from lsbert.store.base import (
+    METADATA_FILE,
+    POINTER_FILE,
+    RESERVED_PREFIX,
+    STALE_AFTER_S,
+    STORE_KEY,
+    VERSION_RE,
+    CheckpointStore,
+    StoreError,
+    VersionInfo,
+    VersionNotFound,
+    check_name,
+    check_project,
+    check_version,
+    format_version,
+    metadata_bytes,
+    parse_pointer,
+    pointer_bytes,
+    source_files,
+    utc_now,
+    version_seq,
+)
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".staging-"
+DELETING_PREFIX = ".deleting-"
+POINTER_TMP_PREFIX = f".{POINTER_FILE}.tmp-"
+METADATA_TMP_PREFIX = f".{METADATA_FILE}.tmp-"
+LOCK_FILE = ".metadata.lock"
+
+
+@contextlib.contextmanager
+def _os_errors(action: str, path: Path) -> Iterator[None]:
+    """Turn OSErrors into StoreErrors that name the location."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except PermissionError:
+        raise StoreError(f"permission denied {action} {path}") from None
+    except OSError as exc:
+        where = exc.filename or path
+        raise StoreError(f"{action} {where} failed: {exc.strerror or exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the data files were fsynced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_file(src: Path, dst: Path) -> int:
+    shutil.copyfile(src, dst)  # sendfile / copy_file_range fast path
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest mtime in a tree (a staging dir's own mtime does not move when its subdirs fill)."""
+    try:
+        newest = path.lstat().st_mtime
+    except OSError:
+        return time.time()
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+    return newest
+
+
+def _hidden_seq(name: str) -> Optional[int]:
+    """Sequence number held by a hidden entry: a reservation, a staging dir or a dir being deleted."""
+    if name.startswith(RESERVED_PREFIX):
+        tail = name[len(RESERVED_PREFIX):]
+        return int(tail) if tail.isdigit() else None
+    for prefix in (STAGING_PREFIX, DELETING_PREFIX):
+        if name.startswith(prefix):
+            version = name[len(prefix):].rsplit("-", 1)[0]
+            return version_seq(version)
+    return None
+
+
+class LocalStore(CheckpointStore):
+    """Checkpoint store on a directory; see the module docstring for the crash-safety scheme."""
+
+    def __init__(self, root: Path | str):
+        self.path = Path(root)
+        self.root = str(self.path)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root!r})"
+
+    # ---- paths -----------------------------------------------------------------------------------
+
+    def _project_dir(self, project: int) -> Path:
+        return self.path / str(check_project(project))
+
+    def _version_dir(self, project: int, version: str) -> Path:
+        return self._project_dir(project) / check_version(version)
+
+    def _ensure_project_dir(self, project: int) -> Path:
+        pdir = self._project_dir(project)
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"checkpoint store root {self.path} is not a directory")
+        with _os_errors("creating", pdir):
+            pdir.mkdir(parents=True, exist_ok=True)
+        return pdir
+
+    # ---- readers ---------------------------------------------------------------------------------
+
+    def _read_metadata(self, vdir: Path) -> Optional[dict[str, Any]]:
+        path = vdir / METADATA_FILE
+        try:
+            raw = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except PermissionError:
+            raise StoreError(f"permission denied reading {path}") from None
+        except OSError as exc:
+            raise StoreError(f"reading {path} failed: {exc.strerror or exc}") from exc
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise StoreError(f"corrupt checkpoint metadata {path}: not JSON") from None
+        if not isinstance(doc, dict):
+            raise StoreError(f"corrupt checkpoint metadata {path}: not a JSON object")
+        return doc
+
+    def projects(self) -> list[int]:
+        if not self.path.is_dir():
+            return []
+        out = []
+        with _os_errors("listing", self.path):
+            entries = list(os.scandir(self.path))
+        for entry in entries:
+            if not (entry.name.isdigit() and str(int(entry.name)) == entry.name and entry.is_dir()):
+                continue
+            project = int(entry.name)
+            if (Path(entry.path) / POINTER_FILE).exists() or self.versions(project):
+                out.append(project)
+        return sorted(out)
+
+    def versions(self, project: int) -> list[VersionInfo]:
+        pdir = self._project_dir(project)
+        if not pdir.is_dir():
+            return []
+        with _os_errors("listing", pdir):
+            entries = list(os.scandir(pdir))
+        out = []
+        for entry in entries:
+            if entry.name.startswith(".") or VERSION_RE.match(entry.name) is None or not entry.is_dir():
+                continue
+            try:
+                metadata = self._read_metadata(Path(entry.path))
+            except StoreError as exc:
+                log.warning("skipping version with unreadable metadata: %s", exc)
+                continue
+            if metadata is not None:
+                out.append(VersionInfo(project=project, version=entry.name, metadata=metadata))
+        return sorted(out, key=lambda v: (version_seq(v.version) or 0, v.version))
+
+    def promoted(self, project: int) -> Optional[str]:
+        path = self._project_dir(project) / POINTER_FILE
+        try:
+            raw = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except PermissionError:
+            raise StoreError(f"permission denied reading promotion pointer {path}") from None
+        except OSError as exc:
+            raise StoreError(f"unreadable promotion pointer {path}: {exc.strerror or exc}") from exc
+        return parse_pointer(raw, str(path))
+
+    def metadata(self, project: int, version: str) -> dict[str, Any]:
+        vdir = self._version_dir(project, version)
+        metadata = self._read_metadata(vdir)
+        if metadata is None:
+            raise VersionNotFound(f"version {version} of project {project} not found or incomplete at {vdir}")
+        return metadata
+
+    def local_path(self, project: int, version: str) -> Path:
+        self.metadata(project, version)
+        return self._version_dir(project, version)
+
+    # ---- writers ---------------------------------------------------------------------------------
+
+    def _max_seq(self, pdir: Path) -> int:
+        """Highest sequence number used by anything in the project dir (complete or not)."""
+        best = 0
+        with _os_errors("listing", pdir):
+            names = os.listdir(pdir)
+        for name in names:
+            seq = _hidden_seq(name) if name.startswith(".") else version_seq(name)
+            if seq is not None:
+                best = max(best, seq)
+        return best
+
+    def _reserve(self, pdir: Path, seq: int, version: str) -> bool:
+        marker = pdir / f"{RESERVED_PREFIX}{seq:04d}"
+        body = json.dumps(
+            {"version": version, "reserved_at": utc_now(), "host": socket.gethostname(), "pid": os.getpid()}
+        ).encode()
+        try:
+            _write_file(marker, body, exclusive=True)
+        except FileExistsError:
+            return False
+        except PermissionError:
+            raise StoreError(f"permission denied reserving {marker}") from None
+        except OSError as exc:
+            raise StoreError(f"reserving {marker} failed: {exc.strerror or exc}") from exc
+        return True
+
+    def next_version(self, project: int, name: str) -> str:
+        check_name(name)
+        pdir = self._ensure_project_dir(project)
+        seq = self._max_seq(pdir) + 1
+        for _ in range(100_000):
+            version = format_version(name, seq)
+            if self._reserve(pdir, seq, version):
+                _fsync_dir(pdir)
+                return version
+            seq += 1
+        raise StoreError(f"could not reserve a version number in {pdir}")
+
+    def save(self, project: int, version: str, source_dir: Path, metadata: dict[str, Any]) -> None:
+        check_version(version)
+        files = source_files(Path(source_dir))
+        pdir = self._ensure_project_dir(project)
+        final = pdir / version
+        if os.path.lexists(final):
+            raise StoreError(f"version {version} already exists at {final}; versions are immutable")
+        staging = pdir / f"{STAGING_PREFIX}{version}-{secrets.token_hex(4)}"
+        with _os_errors("creating", staging):
+            staging.mkdir()
+        try:
+            manifest: dict[str, dict[str, Any]] = {}
+            dirs = {staging}
+            for rel, src in files:
+                dst = staging / rel
+                if dst.parent not in dirs:
+                    with _os_errors("creating", dst.parent):
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                    dirs.add(dst.parent)
+                with _os_errors("copying into", dst):
+                    manifest[rel] = {"size": _copy_file(src, dst)}
+                self._fault(f"save:file:{rel}")
+            self._fault("save:before-metadata")
+            doc = dict(metadata)
+            doc[STORE_KEY] = self._store_section(project, version, manifest, uuid.uuid4().hex)
+            with _os_errors("writing", staging / METADATA_FILE):
+                _write_file(staging / METADATA_FILE, metadata_bytes(doc))
+            for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+                _fsync_dir(d)
+            self._fault("save:after-metadata")
+            if os.path.lexists(final):
+                raise StoreError(f"version {version} already exists at {final}; versions are immutable")
+            try:
+                os.rename(staging, final)  # atomic; fails if another saver put a (non-empty) dir there first
+            except OSError as exc:
+                if os.path.lexists(final):
+                    raise StoreError(f"version {version} already exists at {final}; versions are immutable") from None
+                raise StoreError(f"moving {staging} to {final} failed: {exc.strerror or exc}") from exc
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fsync_dir(pdir)
+        self._fault("save:after-rename")
+
+    def promote(self, project: int, version: str) -> None:
+        self.metadata(project, version)  # VersionNotFound unless complete
+        pdir = self._project_dir(project)
+        try:
+            previous = self.promoted(project)
+        except StoreError:
+            previous = None  # a broken pointer is exactly what promote() repairs
+        self._fault("promote:before-pointer")
+        tmp = pdir / f"{POINTER_TMP_PREFIX}{secrets.token_hex(4)}"
+        target = pdir / POINTER_FILE
+        try:
+            with _os_errors("writing", tmp):
+                _write_file(tmp, pointer_bytes(version, previous), exclusive=True)
+            self._fault("promote:after-temp")
+            with _os_errors("replacing", target):
+                os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _fsync_dir(pdir)
+        self._fault("promote:after-pointer")
+
+    @contextlib.contextmanager
+    def _metadata_lock(self, project: int) -> Iterator[None]:
+        """Serialize read-merge-write of lsbert.json files in a project (flock; NFSv4 maps it to a lock)."""
+        path = self._project_dir(project) / LOCK_FILE
+        with _os_errors("locking", path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def update_metadata(self, project: int, version: str, updates: dict[str, Any]) -> None:
+        vdir = self._version_dir(project, version)
+        self._merge_metadata({}, updates)  # validates before touching anything
+        self.metadata(project, version)  # VersionNotFound before creating a lock file
+        with self._metadata_lock(project):
+            self._update_metadata_locked(project, version, vdir, updates)
+
+    def _update_metadata_locked(self, project: int, version: str, vdir: Path, updates: dict[str, Any]) -> None:
+        merged = self._merge_metadata(self.metadata(project, version), updates)
+        tmp = vdir / f"{METADATA_TMP_PREFIX}{secrets.token_hex(4)}"
+        try:
+            with _os_errors("writing", tmp):
+                _write_file(tmp, metadata_bytes(merged), exclusive=True)
+            with _os_errors("replacing", vdir / METADATA_FILE):
+                os.replace(tmp, vdir / METADATA_FILE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _fsync_dir(vdir)
+
+    def prune(self, project: int, keep: int) -> list[str]:
+        pdir = self._project_dir(project)
+        if not pdir.is_dir():
+            self._plan_prune([], keep, None)  # validates keep
+            return []
+        versions = self.versions(project)
+        promoted = self.promoted(project)  # an unreadable pointer raises: never prune blind
+        doomed = self._plan_prune(versions, keep, promoted)
+        # Keep the highest sequence number reserved so ids are never reused after deleting the newest.
+        top = self._max_seq(pdir)
+        if top:
+            top_version = next((v.version for v in versions if version_seq(v.version) == top), f"?-{top:04d}")
+            self._reserve(pdir, top, top_version)
+        deleted = []
+        for version in doomed:
+            vdir = pdir / version
+            trash = pdir / f"{DELETING_PREFIX}{version}-{secrets.token_hex(4)}"
+            try:
+                os.rename(vdir, trash)  # disappears from readers in one step
+            except FileNotFoundError:
+                continue  # a concurrent prune got it
+            except PermissionError:
+                raise StoreError(f"permission denied deleting {vdir}") from None
+            except OSError as exc:
+                raise StoreError(f"deleting {vdir} failed: {exc.strerror or exc}") from exc
+            shutil.rmtree(trash, ignore_errors=True)
+            deleted.append(version)
+        self._clean(pdir)
+        _fsync_dir(pdir)
+        return deleted
+
+    def _clean(self, pdir: Path) -> None:
+        """Remove abandoned staging/trash/temp entries and superseded reservations."""
+        now = time.time()
+        reservations: list[tuple[int, Path]] = []
+        for name in os.listdir(pdir):
+            path = pdir / name
+            if name.startswith(RESERVED_PREFIX):
+                seq = _hidden_seq(name)
+                if seq is not None:
+                    reservations.append((seq, path))
+                continue
+            if name.startswith(DELETING_PREFIX) or (
+                name.startswith((STAGING_PREFIX, POINTER_TMP_PREFIX)) and now - _newest_mtime(path) > STALE_AFTER_S
+            ):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+        reservations.sort()
+        for _, path in reservations[:-1]:  # the highest stays: it is the floor for the next number
+            with contextlib.suppress(OSError):
+                path.unlink()
