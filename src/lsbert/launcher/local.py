@@ -17,17 +17,18 @@ log = logging.getLogger(__name__)
 
 
 class LocalLauncher(Launcher):
-    def __init__(self, log_dir: Path, env: Optional[dict[str, str]] = None, python: str = sys.executable):
+    def __init__(self, log_dir: Path, env: Optional[dict[str, str]] = None, command: Optional[list[str]] = None):
         self.log_dir = Path(log_dir)
         self.env = env
-        self.python = python
+        # The trainer command; ``--project P --version V`` and the run's arguments are appended.
+        self.command = list(command or [sys.executable, "-m", "lsbert", "train"])
         self._procs: dict[str, subprocess.Popen] = {}
 
     def launch(self, project: int, version: str, args: list[str]) -> Run:
         run_id = f"local-{project}-{version}"
         path = self.log_dir / str(project) / f"{version}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
-        command = [self.python, "-m", "lsbert", "train", "--project", str(project), "--version", version, *args]
+        command = [*self.command, "--project", str(project), "--version", version, *args]
         env = dict(self.env if self.env is not None else os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:

@@ -1,0 +1,1 @@
+"""Test support: a real Label Studio for integration tests, offline labelled datasets."""
