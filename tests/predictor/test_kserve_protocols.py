@@ -52,4 +52,4 @@ def test_metrics(lsbert):
     for name in ("lsbert_request_seconds_bucket", "lsbert_batch_size_bucket", "lsbert_tasks_predicted_total",
                  "request_predict_seconds"):
         assert name in text, name
-    assert 'lsbert_serving_model_info{project="2",version="zeroshot-' in text
+    assert 'lsbert_serving_model_info{kind="zeroshot",project="2",version="zeroshot-' in text
