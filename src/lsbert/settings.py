@@ -23,6 +23,11 @@ class Precision(str, Enum):
     FP16 = "fp16"
 
 
+class RolloutStrategy(str, Enum):
+    HOT = "hot"  # the predictor swaps models in-process
+    RESTART = "restart"  # the InferenceService is patched and KServe rolls the predictor pods
+
+
 class LauncherKind(str, Enum):
     LOCAL = "local"
     KUBERNETES = "kubernetes"
@@ -73,6 +78,14 @@ class Settings(BaseSettings):
     training_launcher: LauncherKind = LauncherKind.LOCAL
     rollout_poll_seconds: float = Field(30.0, gt=0)
     cache_dir: str = Field(".lsbert-cache", description="Where remote checkpoints are downloaded for serving.")
+
+    # --- Kubernetes (set by the Helm chart) -----------------------------------------------------------
+    rollout_strategy: RolloutStrategy = RolloutStrategy.HOT
+    pod_namespace: Optional[str] = Field(None, description="Namespace for training Jobs (downward API).")
+    isvc_name: Optional[str] = Field(None, description="The InferenceService to patch with ROLLOUT_STRATEGY=restart.")
+    job_template: str = Field("jobs/training-job.yaml", description="The training Job template.")
+    job_values: Optional[str] = Field(None, description="YAML file with the cluster-specific parts of training Jobs.")
+    release_name: str = Field("lsbert", description="Prefix of training Job names and value of their instance label.")
 
     @field_validator("log_level")
     @classmethod
