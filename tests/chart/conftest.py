@@ -9,8 +9,6 @@ import pytest
 
 from tests.chart.helm import helm_binary, required
 from tests.k8s.cluster import shared_dir
-# The session control plane of tests/k8s (same skip/fail rules); re-exported so tests here can use it.
-from tests.k8s.conftest import control_plane  # noqa: F401
 
 ISVC_CRD = "serving.kserve.io_inferenceservices.yaml"
 

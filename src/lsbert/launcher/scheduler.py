@@ -141,6 +141,25 @@ class TrainingScheduler:
         self._ensure_watching()
         return run
 
+    async def adopt_active_runs(self) -> None:
+        """After a restart: follow the runs the launcher's backend still has (Kubernetes Jobs), so their
+        completion is noticed and no duplicate is started."""
+        active_runs = getattr(self.launcher, "active_runs", None)
+        if active_runs is None:
+            return
+        try:
+            runs = await asyncio.to_thread(active_runs)
+        except Exception as exc:
+            log.warning("cannot list active training runs: %s", exc)
+            return
+        for run in runs:
+            state = self._state(run.project)
+            if state.active is None:
+                state.active = run
+                log.info("project %s: adopted active training run %s", run.project, run.run_id)
+        if runs:
+            self._ensure_watching()
+
     # --- watching runs ------------------------------------------------------------------------------
     def _ensure_watching(self) -> None:
         if self._watch_task is None or self._watch_task.done():

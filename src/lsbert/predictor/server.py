@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from lsbert import logs
-from lsbert.settings import LauncherKind, Settings, get_settings
+from lsbert.settings import LauncherKind, RolloutStrategy, Settings, get_settings
 
 log = logging.getLogger("lsbert")
 
@@ -61,15 +61,21 @@ def build(settings: Settings):
     )
     watcher = RolloutWatcher(registry, store, settings.rollout_poll_seconds)
     launcher = make_launcher(settings)
+    restart = None
+    if settings.rollout_strategy is RolloutStrategy.RESTART:
+        from lsbert.rollout.kserve import RestartRollout
+
+        restart = RestartRollout.from_environment(settings, store, api_client=getattr(launcher, "api_client", None))
     scheduler = None
     if launcher is not None:
         scheduler = TrainingScheduler(
             launcher, store, every_n_updates=settings.start_training_each_n_updates,
-            version_name=settings.finetuned_model_name, on_finished=watcher.notify,
+            version_name=settings.finetuned_model_name,
+            on_finished=restart.on_run_finished if restart is not None else watcher.notify,
         )
     endpoints = LabelStudioEndpoints(service, scheduler, store)
     model = LsbertModel(settings.model_name, service)
-    return model, endpoints, scheduler, watcher, service
+    return model, endpoints, scheduler, watcher, service, restart
 
 
 def serve(host: str = "127.0.0.1", port: int = 9090, settings: Settings | None = None) -> int:
@@ -86,7 +92,7 @@ def serve(host: str = "127.0.0.1", port: int = 9090, settings: Settings | None =
     from lsbert.predictor.routes import register_label_studio_routes
 
     hf_logging.disable_progress_bar()
-    model, endpoints, scheduler, watcher, service = build(settings)
+    model, endpoints, scheduler, watcher, service, restart = build(settings)
     register_label_studio_routes(
         app, endpoints,
         BasicAuth(settings.basic_auth_user, settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else None),
@@ -112,13 +118,22 @@ def serve(host: str = "127.0.0.1", port: int = 9090, settings: Settings | None =
             # The hub is reachable at start (BASELINE_MODEL_NAME may be an id); never at request time.
             os.environ["HF_HUB_OFFLINE"] = "1"
             log.info("ready: http://%s:%d (model %s)", host, port, settings.model_name)
+            # With ROLLOUT_STRATEGY=restart, pods load the promoted versions at start and KServe rolls them;
+            # the watcher still runs, so a replica never serves older than the pointers it can read.
             watcher.start()
+            if restart is not None:
+                background.append(loop.create_task(restart.run_forever(settings.rollout_poll_seconds)))
+            if scheduler is not None:
+                await scheduler.adopt_active_runs()
 
+        background: list[asyncio.Task] = []
         loader = loop.create_task(load())
         try:
             await rest.start()
         finally:
             loader.cancel()
+            for task in background:
+                task.cancel()
             watcher.stop()
             if scheduler is not None:
                 await scheduler.close()

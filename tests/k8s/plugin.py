@@ -1,4 +1,4 @@
-"""Session fixture: a real Kubernetes control plane (etcd, kube-apiserver, controller-manager,
+"""Pytest plugin (loaded once by tests/conftest.py): a real Kubernetes control plane (etcd, kube-apiserver, controller-manager,
 scheduler, kwok) on 127.0.0.1. Builds nothing: the binaries come from ``bash tests/k8s/build.sh``.
 
 Missing binaries -> the k8s tests are skipped with a loud message, except when ``CI`` is set (to

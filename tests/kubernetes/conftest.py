@@ -1,0 +1,57 @@
+"""Fixtures for the launcher / rollout tests on the real control plane (``control_plane``, one per test
+session, from the tests.k8s.plugin that tests/conftest.py loads)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+
+
+# The launcher's Role: exactly what KubernetesLauncher + the restart rollout need (jobs/README.md).
+LAUNCHER_RULES = [
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
+    {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
+]
+
+
+@dataclass
+class LauncherNamespace:
+    name: str
+    service_account: str
+    cp: object
+
+    def sa_client(self):
+        """An ApiClient acting as the namespace's launcher ServiceAccount (a fresh bound token)."""
+        return self.cp.service_account_client(self.name, self.service_account)
+
+    def admin(self):
+        return self.cp.api_client()
+
+
+def make_launcher_namespace(cp, prefix: str) -> LauncherNamespace:
+    from kubernetes import client
+
+    ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    cp.create_namespace(ns)
+    sa = "lsbert-predictor"
+    with cp.api_client() as api:
+        core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+        core.create_namespaced_service_account(ns, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=sa)))
+        rbac.create_namespaced_role(ns, client.V1Role.from_dict({
+            "metadata": {"name": "lsbert-launcher"}, "rules": LAUNCHER_RULES}))
+        rbac.create_namespaced_role_binding(ns, client.V1RoleBinding.from_dict({
+            "metadata": {"name": "lsbert-launcher"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "lsbert-launcher"},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
+        }))
+    return LauncherNamespace(ns, sa, cp)
+
+
+@pytest.fixture()
+def launcher_ns(control_plane) -> Iterator[LauncherNamespace]:  # noqa: F811
+    yield make_launcher_namespace(control_plane, "lsb")
