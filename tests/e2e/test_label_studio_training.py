@@ -38,8 +38,8 @@ def test_train_button_to_better_predictions(label_studio, server_factory):
 
     lsbert = server_factory({
         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.create_personal_access_token(),
-        "TRAINING_LAUNCHER": "local", "START_TRAINING_EACH_N_UPDATES": "0", "NUM_TRAIN_EPOCHS": "3",
-        "LEARNING_RATE": "5e-5", "ROLLOUT_POLL_SECONDS": "2",
+        "TRAINING_LAUNCHER": "local", "START_TRAINING_EACH_N_UPDATES": "0", "NUM_TRAIN_EPOCHS": "5",
+        "LEARNING_RATE": "1e-4", "ROLLOUT_POLL_SECONDS": "2",
     }, name="e2e-train")
     backend = connect_backend(label_studio, project.id, lsbert.url, title="lsbert")
     setup = {"project": f"{project.id}.0", "schema": project.label_config}
