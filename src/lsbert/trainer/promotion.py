@@ -1,0 +1,162 @@
+"""The promotion gate: does a new checkpoint replace the model that serves the project now?
+
+The score is macro-F1 on the validation split. The serving model is the project's promoted checkpoint, or,
+before any fine-tune, the zero-shot baseline; it is scored on the *same* validation examples, restricted
+to the labels the config has now. The new checkpoint is promoted iff
+
+    new_score >= serving_score - PROMOTION_MARGIN
+
+and with no validation data at all it is promoted (nothing to compare on; the annotators asked for it).
+:func:`decide` is the pure rule; :func:`evaluate_serving` is the glue that loads and scores the serving
+model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from lsbert.labelconfig import ClassificationSpec
+from lsbert.predictor.engine import Runtime, SequenceClassifier, ZeroShotClassifier, release_memory
+from lsbert.store.base import CheckpointStore, StoreError
+from lsbert.trainer.dataset import Example
+from lsbert.trainer.metrics import THRESHOLD, classification_metrics
+
+log = logging.getLogger(__name__)
+
+SCORE = "macro_f1"
+NO_VALIDATION = "no validation data"
+
+FINETUNED = "finetuned"
+ZEROSHOT = "zeroshot"
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    promoted: bool
+    reason: str
+    score: Optional[float]
+    serving_score: Optional[float]
+    margin: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(
+    score: Optional[float], serving_score: Optional[float], margin: float, validation_size: int
+) -> PromotionDecision:
+    """The gate: promote iff ``score >= serving_score - margin``; always with no validation data."""
+    if validation_size <= 0 or score is None:
+        return PromotionDecision(True, NO_VALIDATION, score, serving_score, margin)
+    if serving_score is None:
+        return PromotionDecision(True, "no serving model to compare with", score, None, margin)
+    # A hair of tolerance: equal scores computed along different paths must count as equal.
+    if score + 1e-9 >= serving_score - margin:
+        relation = "above" if score > serving_score else "at least" if score >= serving_score else "within margin of"
+        return PromotionDecision(
+            True, f"{SCORE} {score:.4f} {relation} serving {serving_score:.4f} (margin {margin:g})",
+            score, serving_score, margin,
+        )
+    return PromotionDecision(
+        False, f"{SCORE} {score:.4f} below serving {serving_score:.4f} - margin {margin:g}",
+        score, serving_score, margin,
+    )
+
+
+def restrict_proba(
+    proba: np.ndarray, model_labels: Sequence[str], labels: Sequence[str]
+) -> np.ndarray:
+    """Columns of ``proba`` (over ``model_labels``) re-ordered to ``labels``; a current label the model
+    does not know gets probability 0, a model label the config dropped is left out."""
+    proba = np.asarray(proba, dtype=np.float32)
+    out = np.zeros((proba.shape[0], len(labels)), dtype=np.float32)
+    index = {label: i for i, label in enumerate(model_labels)}
+    for j, label in enumerate(labels):
+        if label in index and proba.size:
+            out[:, j] = proba[:, index[label]]
+    return out
+
+
+def predictions_for(
+    proba: np.ndarray, labels: Sequence[str], multi_label: bool, model_multi_label: bool
+) -> list[tuple[str, ...]]:
+    """Label tuples from restricted probabilities, whichever kind of head produced them.
+
+    A sigmoid head thresholds; a softmax head (or a single-label config) takes the argmax of the labels
+    still in the config. A row with no known label at all predicts nothing (a miss)."""
+    out: list[tuple[str, ...]] = []
+    for row in proba:
+        if multi_label and model_multi_label:
+            out.append(tuple(labels[j] for j in np.flatnonzero(row >= THRESHOLD)))
+        elif row.size and row.max() > 0:
+            out.append((labels[int(row.argmax())],))
+        else:
+            out.append(())
+    return out
+
+
+@dataclass
+class ServingEvaluation:
+    kind: str  # FINETUNED or ZEROSHOT
+    version: Optional[str]
+    metrics: dict[str, Any]
+    note: Optional[str] = None
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.version}" if self.version else self.kind
+
+
+def _score_finetuned(path, runtime: Runtime, spec: ClassificationSpec, validation: Sequence[Example], max_length: int):
+    classifier = SequenceClassifier(path, runtime, max_length=max_length)
+    try:
+        proba = classifier.predict_proba([e.text for e in validation])
+        proba = restrict_proba(proba, classifier.labels, spec.labels)
+        return predictions_for(proba, spec.labels, spec.multi_label, classifier.multi_label)
+    finally:
+        classifier.release()
+
+
+def _score_zeroshot(name: str, runtime: Runtime, spec: ClassificationSpec, validation, max_length: int, token):
+    classifier = ZeroShotClassifier(name, runtime, max_length=max_length, token=token)
+    try:
+        proba = classifier.predict_proba([e.text for e in validation], spec.labels, spec.multi_label)
+        return predictions_for(proba, spec.labels, spec.multi_label, spec.multi_label)
+    finally:
+        del classifier
+        release_memory()
+
+
+def evaluate_serving(
+    store: CheckpointStore,
+    project: int,
+    serving_version: Optional[str],
+    spec: ClassificationSpec,
+    validation: Sequence[Example],
+    runtime: Runtime,
+    baseline_model: str,
+    max_length: int = 0,
+    token: Optional[str] = None,
+) -> ServingEvaluation:
+    """Score the model serving ``project`` now on ``validation``.
+
+    A promoted checkpoint that cannot be loaded is not serving either (the predictor falls back to the
+    zero-shot baseline then), so the baseline is scored instead and the reason recorded."""
+    truth = [e.labels for e in validation]
+    note = None
+    if serving_version is not None:
+        try:
+            path = store.local_path(project, serving_version)
+            predicted = _score_finetuned(path, runtime, spec, validation, max_length)
+            return ServingEvaluation(
+                FINETUNED, serving_version, classification_metrics(truth, predicted, spec.labels, spec.multi_label)
+            )
+        except (StoreError, OSError, ValueError, KeyError) as exc:
+            note = f"promoted version {serving_version} could not be evaluated ({type(exc).__name__}: {exc})"
+            log.warning("%s; comparing with the zero-shot baseline instead", note)
+    predicted = _score_zeroshot(baseline_model, runtime, spec, validation, max_length, token)
+    metrics = classification_metrics(truth, predicted, spec.labels, spec.multi_label)
+    return ServingEvaluation(ZEROSHOT, None, metrics, note)
