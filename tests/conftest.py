@@ -25,6 +25,9 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 # No test may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# torch threads sleep rather than spin when idle: on a shared 2-core machine spinning threads of several
+# processes (servers, trainers, pytest itself) slow each other down many times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
