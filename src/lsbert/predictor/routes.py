@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
@@ -43,6 +44,17 @@ def _project(value: Any, where: str) -> int:
         raise HTTPException(400, f"{where}: {exc}") from None
 
 
+@contextmanager
+def _config_errors() -> Iterator[None]:
+    """A config lsbert cannot serve is a 422, an unknown project a 404; both with the reason."""
+    try:
+        yield
+    except LabelConfigError as exc:
+        raise HTTPException(422, f"lsbert cannot serve this labelling config: {exc}") from None
+    except UnknownProject as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
 class LabelStudioEndpoints:
     def __init__(self, service: PredictorService, scheduler=None, store=None):
         self.service = service
@@ -63,12 +75,8 @@ class LabelStudioEndpoints:
         with metrics.REQUEST_SECONDS.labels("setup").time():
             body = await _json_body(request)
             project = _project(body.get("project"), "setup")
-            try:
+            with _config_errors():
                 version = self.service.setup(project, body.get("schema"))
-            except LabelConfigError as exc:
-                raise HTTPException(422, f"lsbert cannot serve this labelling config: {exc}") from None
-            except UnknownProject as exc:
-                raise HTTPException(404, str(exc)) from None
             return {"model_version": version}
 
     async def predict(self, request: Request) -> dict[str, Any]:
@@ -85,12 +93,8 @@ class LabelStudioEndpoints:
         if project_field is None and tasks and isinstance(tasks[0], dict):
             project_field = tasks[0].get("project")
         project = _project(project_field, "predict")
-        try:
+        with _config_errors():
             spec = self.service.resolve_spec(project, body.get("label_config"))
-        except LabelConfigError as exc:
-            raise HTTPException(422, f"lsbert cannot serve this labelling config: {exc}") from None
-        except UnknownProject as exc:
-            raise HTTPException(404, str(exc)) from None
         version, results = await self.service.predict_tasks(project, spec, tasks)
         metrics.REQUEST_SECONDS.labels("predict").observe(time.perf_counter() - started)
         return {"results": results, "model_version": version}
