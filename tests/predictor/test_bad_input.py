@@ -101,6 +101,13 @@ def test_basic_auth(server_factory):
     event = fixture("webhook-ANNOTATION_CREATED.json")["body_raw"]
     assert requests.post(server.url + "/webhook", data=event, timeout=5).status_code == 401
     assert "add the header to the project's webhook" in server.log()
+    # ... and accepted once the Label Studio webhook carries the header (PATCH /api/webhooks/<id>/)
+    with_header = fixture("webhook-ANNOTATION_CREATED-custom-auth-header.json")["body_raw"]
+    accepted = requests.post(server.url + "/webhook", data=with_header, headers={"Authorization": good}, timeout=5)
+    assert accepted.status_code == 200 and accepted.json()["action"] == "ANNOTATION_CREATED"
+    # Start Training arrives with the credentials Label Studio stores for the backend
+    start = fixture("webhook-START_TRAINING-basic-auth.json")["body_raw"]
+    assert requests.post(server.url + "/webhook", data=start, headers={"Authorization": good}, timeout=5).status_code == 200
     # secrets never reach the log
     assert "s3cret-pass" not in server.log() and good.split()[1] not in server.log()
     assert captured["method"] == "POST"
