@@ -7,7 +7,6 @@ naming the variable.
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from functools import lru_cache
 from typing import Optional
@@ -146,8 +145,3 @@ def load_settings(**overrides) -> Settings:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return load_settings()
-
-
-def environment_for_child(settings: Settings) -> dict[str, str]:
-    """Environment for a training subprocess: the parent's, which already carries every variable."""
-    return dict(os.environ)

@@ -88,10 +88,6 @@ class InferenceQueue:
                     g.future.set_result(out[offset : offset + len(g.texts)])
                 offset += len(g.texts)
 
-    def submit_blocking(self, fn, *args):
-        """Run any other torch work (warm-up, loads that must not overlap a forward pass) on the worker."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()

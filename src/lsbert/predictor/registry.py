@@ -119,7 +119,7 @@ class ModelRegistry:
         return summary
 
     # --- serving ------------------------------------------------------------------------------------
-    def _zero_shot_served(self, spec: ClassificationSpec, project: Optional[int] = None) -> Served:
+    def zero_shot_served(self, spec: ClassificationSpec, project: Optional[int] = None) -> Served:
         version = self.zero_shot_version(spec)
         if project is not None and self._reported.get(project) != version:
             previous = self._reported.get(project)
@@ -144,7 +144,7 @@ class ModelRegistry:
                 if project in self._loaded:
                     self._loaded.move_to_end(project)
             return served
-        return self._zero_shot_served(spec, project)
+        return self.zero_shot_served(spec, project)
 
     def _load_blocking(self, project: int, version: str) -> Served:
         path = self.store.local_path(project, version)

@@ -105,7 +105,7 @@ class PredictorService:
     # --- prediction ---------------------------------------------------------------------------------
     async def _classify(self, project: Optional[int], spec: ClassificationSpec, texts: Sequence[str]) -> Classified:
         if project is None:
-            served = self.registry._zero_shot_served(spec)
+            served = self.registry.zero_shot_served(spec)
         else:
             served = await self.registry.acquire(project, spec)
         raw = await self.registry.predict(served, spec, texts, self.queue)

@@ -159,14 +159,9 @@ class LocalStore(CheckpointStore):
 
     def _read_metadata(self, vdir: Path) -> Optional[dict[str, Any]]:
         path = vdir / METADATA_FILE
-        try:
-            raw = path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
+        raw = _read_optional(path, f"reading {path} failed")
+        if raw is None:
             return None
-        except PermissionError:
-            raise StoreError(f"permission denied reading {path}") from None
-        except OSError as exc:
-            raise StoreError(f"reading {path} failed: {exc.strerror or exc}") from exc
         try:
             doc = json.loads(raw)
         except ValueError:
@@ -210,15 +205,8 @@ class LocalStore(CheckpointStore):
 
     def promoted(self, project: int) -> Optional[str]:
         path = self._project_dir(project) / POINTER_FILE
-        try:
-            raw = path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except PermissionError:
-            raise StoreError(f"permission denied reading promotion pointer {path}") from None
-        except OSError as exc:
-            raise StoreError(f"unreadable promotion pointer {path}: {exc.strerror or exc}") from exc
-        return parse_pointer(raw, str(path))
+        raw = _read_optional(path, f"unreadable promotion pointer {path}", what="promotion pointer ")
+        return None if raw is None else parse_pointer(raw, str(path))
 
     def metadata(self, project: int, version: str) -> dict[str, Any]:
         vdir = self._version_dir(project, version)
@@ -425,3 +413,15 @@ class LocalStore(CheckpointStore):
         for _, path in reservations[:-1]:  # the highest stays: it is the floor for the next number
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def _read_optional(path: Path, failure: str, what: str = "") -> Optional[bytes]:
+    """The file's bytes, or None if it does not exist; other errors become StoreError naming the path."""
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        raise StoreError(f"permission denied reading {what}{path}") from None
+    except OSError as exc:
+        raise StoreError(f"{failure}: {exc.strerror or exc}") from exc
