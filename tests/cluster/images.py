@@ -42,9 +42,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Self
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {
@@ -195,14 +196,15 @@ def base_tag(ca_bundle: Path) -> str:
 # ------------------------------------------------------------------------------------------ host setup
 def _run(cmd: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
     kwargs.setdefault("check", True)
-    return subprocess.run(list(cmd), **kwargs)
+    return subprocess.run(list(cmd), **kwargs)  # noqa: PLW1510 (check defaults to True above)
 
 
 def ensure_debian_packages(packages: Sequence[str] = DEBIAN_PACKAGES) -> None:
     """apt-get install what is missing (nothing when all are installed)."""
     missing = []
     for package in packages:
-        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True,
+                                check=False)
         if status.returncode != 0 or "install ok installed" not in status.stdout:
             missing.append(package)
     if not missing:
@@ -236,8 +238,8 @@ def _unmount_all(*roots: Path) -> None:
         if not points:
             return
         for point in points:
-            if subprocess.run(["umount", point], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", point], capture_output=True)
+            if subprocess.run(["umount", point], capture_output=True, check=False).returncode != 0:
+                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
     left = _mounts_under(*roots)
     if left:
         raise ImageBuildError(f"could not unmount {left}")
@@ -289,9 +291,9 @@ def _our_processes() -> list[int]:
     pids = set()
     marker = str(RUN_DIR)
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            if any(arg.endswith(marker) or marker + "/" in arg for arg in _cmdline(int(entry.name))[1:]):
-                pids.add(int(entry.name))
+        if (entry.name.isdigit() and int(entry.name) != os.getpid()
+                and any(arg.endswith(marker) or marker + "/" in arg for arg in _cmdline(int(entry.name))[1:])):
+            pids.add(int(entry.name))
     for top in _cgroup_dirs():
         for procs in top.glob("**/cgroup.procs"):
             with contextlib.suppress(OSError, ValueError):
@@ -353,7 +355,7 @@ class PrivateDocker:
     """A dockerd of our own, started and stopped around the work (hold build_lock while it lives)."""
 
     def __init__(self) -> None:
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.docker = shutil.which("docker", path="/usr/bin") or shutil.which("docker") or "docker"
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{SOCKET}", "DOCKER_BUILDKIT": "0",
                     "DOCKER_CONFIG": str(RUN_DIR / "client")}
@@ -393,6 +395,8 @@ class PrivateDocker:
                     self.stop()
                     raise ImageBuildError(f"dockerd did not answer within 60 s:\n{_tail(log_path)}")
                 time.sleep(0.3)
+        # Containers a crashed build left behind (builds remove their own).
+        self.run("container", "prune", "--force", capture_output=True)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -407,7 +411,7 @@ class PrivateDocker:
 
     def run(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("check", True)
-        return subprocess.run([self.docker, *args], env=self.env, **kwargs)
+        return subprocess.run([self.docker, *args], env=self.env, **kwargs)  # noqa: PLW1510 (see setdefault)
 
     def out(self, *args: str) -> str:
         return self.run(*args, capture_output=True, text=True).stdout.strip()
@@ -418,7 +422,7 @@ class PrivateDocker:
     def image_id(self, ref: str) -> str:
         return self.out("image", "inspect", "--format", "{{.Id}}", ref)
 
-    def __enter__(self) -> "PrivateDocker":
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -450,7 +454,7 @@ def make_base_image(docker: PrivateDocker, tag: str, ca_bundle: Path) -> None:
             result = subprocess.run(
                 ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
                  f"--cache-dir={debs}", BASE_SUITE, str(rootfs), DEBIAN_MIRROR],
-                stdout=out, stderr=subprocess.STDOUT)
+                stdout=out, stderr=subprocess.STDOUT, check=False)
             if result.returncode != 0:
                 raise ImageBuildError(f"debootstrap failed ({result.returncode}):\n{_tail(log_path)}")
         _unmount_all(rootfs)  # debootstrap unmounts /proc and /sys itself; a failed run may not
@@ -479,7 +483,7 @@ def make_base_image(docker: PrivateDocker, tag: str, ca_bundle: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ the builds
 def _build(docker: PrivateDocker, dockerfile: Path, tag: str, base: str, torch_index: str,
-           target: Optional[str] = None) -> None:
+           target: str | None = None) -> None:
     name = tag.split(":")[0]
     log_path = STATE / f"build-{name}.log"
     cmd = ["build", "--network", "host", "--force-rm", "--file", str(dockerfile), "--tag", tag,
@@ -514,7 +518,7 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _stamp_images(expected_hash: str) -> Optional[Images]:
+def _stamp_images(expected_hash: str) -> Images | None:
     """The images of the last build if its inputs hash is this one and the daemon's data directory still
     holds them: no daemon needed to know."""
     try:
@@ -588,10 +592,10 @@ def containerd_ref(tag: str) -> str:
 
 
 def _ctr(ctr: str, socket: Path, namespace: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([ctr, "--address", str(socket), "--namespace", namespace, *args], **kwargs)
+    return subprocess.run([ctr, "--address", str(socket), "--namespace", namespace, *args], **kwargs, check=False)
 
 
-def _config_digest_in_containerd(ctr: str, socket: Path, namespace: str, ref: str) -> Optional[str]:
+def _config_digest_in_containerd(ctr: str, socket: Path, namespace: str, ref: str) -> str | None:
     listed = _ctr(ctr, socket, namespace, "images", "ls", capture_output=True, text=True)
     if listed.returncode != 0:
         raise ImageBuildError(f"ctr images ls failed on {socket}: {listed.stderr.strip()}")
@@ -613,8 +617,8 @@ def _config_digest_in_containerd(ctr: str, socket: Path, namespace: str, ref: st
     return None
 
 
-def load_into_containerd(socket: Path, namespace: str = "k8s.io", images: Optional[Images] = None,
-                         ctr: Optional[str] = None, snapshotter: Optional[str] = None) -> list[str]:
+def load_into_containerd(socket: Path, namespace: str = "k8s.io", images: Images | None = None,
+                         ctr: str | None = None, snapshotter: str | None = None) -> list[str]:
     """Import both images into the containerd at `socket` unless that exact image (same config digest as
     the one built) is already there. Returns the containerd refs imported (empty when none was needed).
     Pods use the plain tags (``lsbert-predictor:test-...``) with imagePullPolicy Never or IfNotPresent."""
@@ -666,7 +670,7 @@ def layer_report(images: Images) -> dict:
         sizes[tag] = layers
     predictor, trainer = (sizes[tag] for tag in images.tags)
     shared = set(predictor) & set(trainer)
-    du = subprocess.run(["du", "-sb", str(DATA_ROOT)], capture_output=True, text=True)
+    du = subprocess.run(["du", "-sb", str(DATA_ROOT)], capture_output=True, text=True, check=False)
     return {
         "images": {tag: {"bytes": sum(layers.values()), "layers": len(layers)} for tag, layers in sizes.items()},
         "shared_layers": len(shared),
@@ -676,7 +680,7 @@ def layer_report(images: Images) -> dict:
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster.images", description=__doc__.split("\n\n")[0])
     parser.add_argument("--containerd", type=Path, metavar="SOCKET", help="also import into this containerd")
     parser.add_argument("--namespace", default="k8s.io", help="containerd namespace (default k8s.io)")

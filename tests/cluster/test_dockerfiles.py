@@ -10,10 +10,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from tests.cluster import images
 
@@ -24,7 +24,7 @@ def _split(path: Path) -> tuple[list[str], str, str]:
     """(instructions above the first FROM, the text from the first FROM to the marker, the tail)."""
     text = path.read_text()
     assert text.count(MARKER) == 1, f"{path}: one '{MARKER}' line ends the shared part"
-    shared_start = re.search(r"^FROM ", text, re.M).start()
+    shared_start = re.search(r"^FROM ", text, re.MULTILINE).start()
     head, rest = text[:shared_start], text[shared_start:]
     shared, tail = rest.split(MARKER)
     head_instructions = [line for line in head.splitlines() if line and not line.startswith("#")]
