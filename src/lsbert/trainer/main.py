@@ -310,11 +310,22 @@ def _evaluate(ctx: dict[str, Any], model, tokenizer, validation, progress: Progr
     return Evaluation(metrics, serving.metrics, described, time.perf_counter() - started)
 
 
+def staging_root(cache_dir: str) -> Path:
+    """Where ``save_pretrained`` writes before the store takes the files: under CACHE_DIR, never /tmp.
+
+    A model is as large as its weights (0.7 GB for BERT-base, several GB for large baselines); in a pod /tmp
+    is a small emptyDir and a large save there gets the trainer evicted, while the cache volume is sized for
+    models."""
+    root = Path(cache_dir) / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def _publish(store: CheckpointStore, project: int, version: str, model, tokenizer, metadata: dict[str, Any],
-             keep: int, progress: Progress) -> None:
+             keep: int, progress: Progress, staging: Optional[Path] = None) -> None:
     """Save the version (lsbert.json last), then move the pointer if promoted, then prune."""
     promotion = metadata["promotion"]
-    with tempfile.TemporaryDirectory(prefix=f"lsbert-train-{project}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"lsbert-train-{project}-", dir=staging) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         store.save(project, version, Path(tmp), metadata)
@@ -465,7 +476,8 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     }
 
     # --- save, promote, prune ----------------------------------------------------------------------
-    _publish(store, project, version, model, tokenizer, metadata, settings.keep_versions, progress)
+    _publish(store, project, version, model, tokenizer, metadata, settings.keep_versions, progress,
+             staging_root(settings.cache_dir))
     progress(f"done in {time.perf_counter() - t0:.1f}s")
     return metadata
 
