@@ -84,7 +84,9 @@ class Settings(BaseSettings):
     rollout_strategy: RolloutStrategy = RolloutStrategy.HOT
     pod_namespace: Optional[str] = Field(None, description="Namespace for training Jobs (downward API).")
     isvc_name: Optional[str] = Field(None, description="The InferenceService to patch with ROLLOUT_STRATEGY=restart.")
-    job_template: str = Field("jobs/training-job.yaml", description="The training Job template.")
+    job_template: Optional[str] = Field(
+        None, description="A training Job template file; unset = the one shipped in lsbert.launcher."
+    )
     job_values: Optional[str] = Field(None, description="YAML file with the cluster-specific parts of training Jobs.")
     release_name: str = Field("lsbert", description="Prefix of training Job names and value of their instance label.")
 
