@@ -510,8 +510,6 @@ prometheus.kserve.io/path: /metrics
         fieldRef:
           fieldPath: metadata.namespace
     {{- if eq $.Values.trainer.launcher "kubernetes" }}
-    - name: JOB_TEMPLATE
-      value: /opt/lsbert/jobs/training-job.yaml
     - name: JOB_VALUES
       value: /etc/lsbert/job/values.yaml
     # Training Jobs are owned by this ConfigMap: `helm uninstall` deletes it, and the garbage collector
@@ -521,7 +519,9 @@ prometheus.kserve.io/path: /metrics
     - name: TRAINING_PENDING_TIMEOUT
       value: {{ $.Values.trainer.pendingTimeoutSeconds | quote }}
     {{- end }}
-    {{- include "lsbert.computeEnv" (dict "ctx" $ "gpu" $.Values.gpu) | nindent 4 }}
+    {{- with include "lsbert.computeEnv" (dict "ctx" $ "gpu" $.Values.gpu) | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
     {{- if include "lsbert.kserveEnabled" $ }}
     - name: ISVC_NAME
       value: {{ include "lsbert.fullname" $ | quote }}
@@ -609,14 +609,17 @@ affinity:
 priorityClassName: {{ . }}
 {{- end }}
 {{- with .Values.topologySpreadConstraints }}
+{{- $selector := dict "matchLabels" (include "lsbert.componentSelectorLabels" (dict "ctx" $ "component" "predictor") | fromYaml) }}
+{{- $constraints := list }}
+{{- range . }}
+{{- $constraints = append $constraints (hasKey . "labelSelector" | ternary . (merge (dict "labelSelector" $selector) .)) }}
+{{- end }}
 topologySpreadConstraints:
-  {{- range . }}
-  - {{- toYaml (hasKey . "labelSelector" | ternary . (merge (dict "labelSelector" (dict "matchLabels" (include "lsbert.componentSelectorLabels" (dict "ctx" $ "component" "predictor") | fromYaml))) .)) | nindent 4 }}
-  {{- end }}
+  {{- toYaml $constraints | nindent 2 }}
 {{- end }}
 {{- if and .Values.volumePermissions.enabled (eq .Values.storage.type "pvc") }}
 initContainers:
-  {{- include "lsbert.volumePermissionsContainer" . | nindent 2 }}
+  {{- include "lsbert.volumePermissionsContainer" . | trim | nindent 2 }}
 {{- end }}
 terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
 volumes:
