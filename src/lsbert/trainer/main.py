@@ -354,6 +354,7 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     """One training run; returns the version's metadata. Raises on failure (the pointer untouched)."""
     import torch
 
+    from lsbert.gpu import check_cuda
     from lsbert.modelsource import resolve
     from lsbert.predictor.engine import select_runtime
     from lsbert.trainer.dataset import build_examples, label_counts, split_examples
@@ -362,6 +363,7 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
 
     t0 = time.perf_counter()
     project = args.project
+    check_cuda(settings.require_cuda, "training")  # before anything is downloaded or reserved
     store: CheckpointStore = open_store(settings.model_dir, settings.cache_dir)
     version = _reserve_version(args, settings, store)
     progress(f"project {project}: training version {version} into {store.root}")
@@ -516,7 +518,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:
         log.debug("training run failed", exc_info=True)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        kind = "" if isinstance(exc, (TrainingError, LabelConfigError)) or _is_data_error(exc) else f"{type(exc).__name__}: "
+        kind = "" if isinstance(exc, (TrainingError, LabelConfigError)) or _is_data_error(exc) \
+            or type(exc).__name__ == "CudaUnavailable" else f"{type(exc).__name__}: "
         print(f"lsbert train: error: {kind}{message or type(exc).__name__}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     return EXIT_OK
