@@ -612,7 +612,11 @@ priorityClassName: {{ . }}
 {{- $selector := dict "matchLabels" (include "lsbert.componentSelectorLabels" (dict "ctx" $ "component" "predictor") | fromYaml) }}
 {{- $constraints := list }}
 {{- range . }}
-{{- $constraints = append $constraints (hasKey . "labelSelector" | ternary . (merge (dict "labelSelector" $selector) .)) }}
+{{- if hasKey . "labelSelector" }}
+{{- $constraints = append $constraints . }}
+{{- else }}
+{{- $constraints = append $constraints (merge (dict "labelSelector" (deepCopy $selector)) .) }}
+{{- end }}
 {{- end }}
 topologySpreadConstraints:
   {{- toYaml $constraints | nindent 2 }}
