@@ -146,7 +146,7 @@ def test_job_values_for_real_clusters() -> None:
     defaults = render().job_values()
     assert 0 < defaults["backoffLimit"] <= 3
     rules = defaults["podFailurePolicy"]["rules"]
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
     assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn",
                                                  "values": [0]}} in rules
     assert defaults["podAnnotations"]["sidecar.istio.io/inject"] == "false"

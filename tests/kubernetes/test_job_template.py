@@ -105,7 +105,7 @@ def test_default_job_shape():
     assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (2, 21600, 86400)
     # Disruptions (preemption, drain) are retried without counting; the trainer's own failure is final.
     rules = spec["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn",
                                                               "values": [0]}}
     assert spec["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
