@@ -84,9 +84,20 @@ class Settings(BaseSettings):
     rollout_strategy: RolloutStrategy = RolloutStrategy.HOT
     pod_namespace: Optional[str] = Field(None, description="Namespace for training Jobs (downward API).")
     isvc_name: Optional[str] = Field(None, description="The InferenceService to patch with ROLLOUT_STRATEGY=restart.")
-    job_template: str = Field("jobs/training-job.yaml", description="The training Job template.")
+    job_template: Optional[str] = Field(
+        None, description="A training Job template file; unset = the one shipped in lsbert.launcher."
+    )
     job_values: Optional[str] = Field(None, description="YAML file with the cluster-specific parts of training Jobs.")
-    release_name: str = Field("lsbert", description="Prefix of training Job names and value of their instance label.")
+    release_name: str = Field("lsbert", description="Prefix of training Job names and value of their lsbert.io/release label.")
+    job_owner_configmap: Optional[str] = Field(
+        None, description="A ConfigMap in the Job namespace that owns every training Job (deleting it deletes them)."
+    )
+    training_pending_timeout: float = Field(
+        900.0, ge=0, description="Seconds a training Job may stay without a running pod before it is failed; 0 = no limit."
+    )
+    require_cuda: Optional[bool] = Field(
+        None, description="Stop when CUDA is unusable although a GPU was assigned; unset = when NVIDIA_VISIBLE_DEVICES names devices."
+    )
 
     @field_validator("log_level")
     @classmethod
