@@ -62,7 +62,7 @@ def chart_values(images: Any, *, ls_url: str, api_key: str, baseline_dir: Path, 
         "trainer": {
             "image": {"repository": train_repo, "tag": train_tag, "pullPolicy": "Never"},
             # The GPU request is real (the node advertises nvidia.com/gpu); the container trains on the CPU.
-            "gpu": {"enabled": True, "nodeSelector": NODE_SELECTOR},
+            "gpu": {"enabled": True, "nodeSelector": NODE_SELECTOR, "requireCuda": False},
             "nodeSelector": NODE_SELECTOR,
             "tolerations": TOLERATIONS,
             "volumes": [volume],
