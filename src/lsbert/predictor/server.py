@@ -48,7 +48,7 @@ def build(settings: Settings):
     from lsbert.store import open_store
 
     store = open_store(settings.model_dir, settings.cache_dir)
-    runtime = select_runtime(settings.precision, settings.torch_threads)
+    runtime = select_runtime(settings.precision, settings.torch_threads, torch_compile=settings.torch_compile)
     registry = ModelRegistry(
         store, runtime, settings.baseline_model_name, max_loaded=settings.max_loaded_models,
         max_length=settings.max_length, batch_size=settings.predict_batch_size,
