@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     multi_label_threshold: float = Field(0.5, gt=0, lt=1)
     max_loaded_models: int = Field(4, ge=1)
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = all available cores.")
+    torch_compile: bool = Field(False, description="torch.compile served models on CUDA (slower model loads).")
     train_batch_size: int = Field(16, ge=1, le=4096)
     train_max_length: int = Field(256, ge=8, le=8192)
     validation_fraction: float = Field(0.2, ge=0, lt=1)

@@ -55,7 +55,7 @@ def build(settings: Settings):
     except CudaUnavailable as exc:  # stops the process with the message, like any configuration error
         raise SettingsError(str(exc)) from None
     store = open_store(settings.model_dir, settings.cache_dir)
-    runtime = select_runtime(settings.precision, settings.torch_threads)
+    runtime = select_runtime(settings.precision, settings.torch_threads, torch_compile=settings.torch_compile)
     registry = ModelRegistry(
         store, runtime, settings.baseline_model_name, max_loaded=settings.max_loaded_models,
         max_length=settings.max_length, batch_size=settings.predict_batch_size,
