@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
-from typing import Optional
+from typing import Optional, TextIO
+
+from lsbert.kubeclient import REQUEST_TIMEOUT, api_message, load_api_client, resolve_namespace
+from lsbert.launcher.base import RunPhase
+from lsbert.launcher.jobspec import (
+    APP_NAME,
+    COMPONENT,
+    LABEL_COMPONENT,
+    LABEL_NAME,
+    LABEL_PROJECT,
+    age_key,
+    condition,
+    job_phase,
+    job_version,
+    label_selector,
+    timestamp,
+)
 
 
 def print_status(url: str, kubernetes: bool = False, namespace: Optional[str] = None) -> int:
@@ -31,13 +48,67 @@ def print_status(url: str, kubernetes: bool = False, namespace: Optional[str] = 
             line = f"  project {project}: serving {serving.get(project, '-')}"
             if active:
                 line += f"; training {active['version']} ({active['phase']})"
+                if active.get("message"):  # why it has not started: quota, scheduling, volume, image, ...
+                    line += f": {active['message']}"
             elif last:
                 line += f"; last run {last['version']} {last['phase']}"
                 if last.get("message"):
                     line += f": {last['message']}"
             print(line)
     if kubernetes:
-        from lsbert.launcher.kubernetes import print_jobs
-
         code = print_jobs(namespace) or code
     return code
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def print_jobs(namespace: Optional[str] = None, *, api_client=None, out: Optional[TextIO] = None) -> int:
+    """``lsbert status --kubernetes``: every lsbert training Job in the namespace, oldest first."""
+    from kubernetes import client
+
+    out = out or sys.stdout
+    ns = namespace or "?"
+    owns = api_client is None
+    try:
+        ns = resolve_namespace(namespace)
+        if api_client is None:
+            api_client = load_api_client()
+        jobs = client.BatchV1Api(api_client).list_namespaced_job(
+            ns, label_selector=label_selector({LABEL_NAME: APP_NAME, LABEL_COMPONENT: COMPONENT}),
+            _request_timeout=REQUEST_TIMEOUT).items
+    except (Exception, SystemExit) as exc:
+        why = api_message(exc) if isinstance(exc, Exception) else str(exc)
+        print(f"training Jobs in namespace {ns}: cannot list them ({why})", file=sys.stderr)
+        return 1
+    finally:
+        if owns and api_client is not None:
+            api_client.close()
+    if not jobs:
+        print(f"no lsbert training Jobs in namespace {ns}", file=out)
+        return 0
+    now = time.time()
+    rows = [("JOB", "PROJECT", "VERSION", "PHASE", "AGE", "MESSAGE")]
+    for job in sorted(jobs, key=age_key):
+        phase = job_phase(job)
+        message = ""
+        if phase is RunPhase.FAILED:
+            cond = condition(job, "Failed")
+            message = f"{cond.reason}: {cond.message}"[:120]
+        labels = job.metadata.labels or {}
+        rows.append((job.metadata.name, labels.get(LABEL_PROJECT, "?"), job_version(job), phase.value,
+                     _age(now - (timestamp(job.metadata.creation_timestamp) or now)), message))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    print(f"training Jobs in namespace {ns}:", file=out)
+    for row in rows:
+        line = "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5]))
+        print(f"  {line}  {row[5]}" if row[5] else f"  {line}".rstrip(), file=out)
+    return 0

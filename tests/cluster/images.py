@@ -54,7 +54,7 @@ DOCKERFILES = {
 }
 # The build context after .dockerignore: these files and trees, without byte-code and caches.
 CONTEXT_FILES = (".dockerignore", "pyproject.toml", "README.md")
-CONTEXT_TREES = ("src", "jobs")
+CONTEXT_TREES = ("src",)
 CONTEXT_SKIP_DIRS = {"__pycache__", ".pytest_cache"}
 CONTEXT_SKIP_SUFFIXES = (".pyc", ".pyo", ".pyd")
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from lsbert.launcher import kubernetes as k8s
+from lsbert.launcher import jobspec
+from lsbert.launcher.kubernetes import KubernetesLauncher
 from lsbert.launcher.base import LaunchError, RunPhase
 from lsbert.rollout import kserve
 
@@ -55,8 +56,8 @@ FULL_VALUES = {
 
 
 def render(values=None, *, release="lsbert", project=3, version="ft-0004", args=()):
-    vals = k8s.parse_job_values(values or {"image": "img:1"})
-    return k8s.render_job(k8s.load_template(), vals, release=release, namespace="ml", project=project,
+    vals = jobspec.parse_job_values(values or {"image": "img:1"})
+    return jobspec.render_job(jobspec.load_template(), vals, release=release, namespace="ml", project=project,
                           version=version, args=args)
 
 
@@ -65,7 +66,7 @@ def test_rendered_jobs_pass_strict_schema_validation(kube, kubernetes_validate):
     for values in ({"image": "img:1"}, FULL_VALUES):
         body = render(values, args=["--epochs", "1"])
         kubernetes_validate.validate(body, kube, strict=True)
-        k8s.to_v1_job(body)
+        jobspec.to_v1_job(body)
 
 
 def test_schema_validation_catches_what_the_launcher_must_not_send(kubernetes_validate):
@@ -74,12 +75,22 @@ def test_schema_validation_catches_what_the_launcher_must_not_send(kubernetes_va
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(body, "1.36.0", strict=True)
     with pytest.raises(LaunchError, match="unknown field.*bogusField"):
-        k8s.to_v1_job(body)
+        jobspec.to_v1_job(body)
 
 
-def test_template_file_and_builtin_copy_are_identical():
-    assert (REPO / "jobs" / "training-job.yaml").read_text() == k8s.BUILTIN_TEMPLATE
-    assert k8s.load_template("jobs/training-job.yaml") == yaml.safe_load(k8s.BUILTIN_TEMPLATE)
+def test_the_default_template_is_package_data_and_job_template_replaces_it(tmp_path):
+    packaged = REPO / "src" / "lsbert" / "launcher" / jobspec.TEMPLATE_RESOURCE
+    assert jobspec.load_template() == jobspec.load_template(None) == yaml.safe_load(packaged.read_text())
+    custom = yaml.safe_load(packaged.read_text())
+    custom["spec"]["backoffLimit"] = 4
+    path = tmp_path / "custom-job.yaml"
+    path.write_text(yaml.safe_dump(custom))
+    assert jobspec.load_template(str(path))["spec"]["backoffLimit"] == 4
+    path.write_text("kind: Deployment\nspec: {}\n")
+    from lsbert.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="not a batch/v1 Job"):
+        jobspec.load_template(str(path))
 
 
 def test_default_job_shape():
@@ -87,13 +98,23 @@ def test_default_job_shape():
     meta, spec = job["metadata"], job["spec"]
     assert meta["name"] == "lsbert-train-p3-0004" and meta["namespace"] == "ml"
     want = {"app.kubernetes.io/name": "lsbert", "app.kubernetes.io/component": "trainer",
-            "app.kubernetes.io/instance": "lsbert", "lsbert.io/project": "3", "lsbert.io/version": "ft-0004"}
+            "app.kubernetes.io/instance": "lsbert", "lsbert.io/release": "lsbert", "lsbert.io/project": "3",
+            "lsbert.io/version": "ft-0004"}
     assert want.items() <= meta["labels"].items()
     assert want.items() <= spec["template"]["metadata"]["labels"].items()
-    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (1, 21600, 86400)
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (2, 21600, 86400)
+    # Disruptions (preemption, drain) are retried without counting; the trainer's own failure is final.
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn",
+                                                              "values": [0]}}
+    assert spec["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert "ownerReferences" not in meta
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # uid, gid and fsGroup come from the image or the values, so a platform that assigns them can leave them out
+    assert not {"runAsUser", "runAsGroup", "fsGroup"} & pod["securityContext"].keys()
     (container,) = pod["containers"]
     assert container["command"] == ["lsbert", "train"]
     assert container["args"] == ["--project", "3", "--version", "ft-0004", "--epochs", "2"]
@@ -136,10 +157,10 @@ def test_values_are_merged():
     ("x" * 80, 123456789, "ft-12345", "x" * (63 - len("-train-p123456789-12345")) + "-train-p123456789-12345"),
 ])
 def test_job_names_are_deterministic_dns_labels(release, project, version, expected):
-    name = k8s.job_name(release, project, version)
+    name = jobspec.job_name(release, project, version)
     assert name == expected
     assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
-    assert k8s.job_name(release, project, version) == name
+    assert jobspec.job_name(release, project, version) == name
 
 
 def test_long_versions_keep_a_valid_label_and_the_exact_annotation(kubernetes_validate):
@@ -164,58 +185,93 @@ def test_long_versions_keep_a_valid_label_and_the_exact_annotation(kubernetes_va
 ])
 def test_bad_values_are_named(raw, message):
     with pytest.raises(ValueError, match=message):
-        k8s.parse_job_values(raw)
+        jobspec.parse_job_values(raw)
 
 
 def test_nulls_mean_unset():
-    values = k8s.parse_job_values({"image": "i", "resources": None, "tolerations": None, "backoffLimit": None})
+    values = jobspec.parse_job_values({"image": "i", "resources": None, "tolerations": None, "backoffLimit": None})
     assert values == {"image": "i"}
-    assert render(values)["spec"]["backoffLimit"] == 1
+    assert render(values)["spec"]["backoffLimit"] == 2
+
+
+def test_job_level_values_priority_and_failure_policy(kubernetes_validate):
+    policy = {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+    job = render({"image": "i", "jobLabels": {"kueue.x-k8s.io/queue-name": "gpu", "app.kubernetes.io/instance": "rel",
+                                               "lsbert.io/release": "someone-else"},
+                  "jobAnnotations": {"team": "ml"}, "priorityClassName": "training-low",
+                  "podFailurePolicy": policy,
+                  "podLabels": {"app.kubernetes.io/instance": "rel", "lsbert.io/project": "99"}})
+    meta, spec = job["metadata"], job["spec"]
+    assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    assert meta["annotations"]["team"] == "ml" and meta["annotations"]["lsbert.io/version"] == "ft-0004"
+    assert spec["podFailurePolicy"] == policy
+    assert spec["template"]["spec"]["priorityClassName"] == "training-low"
+    # The installer's instance label is kept; the selection labels always win.
+    for labels in (meta["labels"], spec["template"]["metadata"]["labels"]):
+        assert labels["app.kubernetes.io/instance"] == "rel"
+        assert labels["lsbert.io/release"] == "lsbert" and labels["lsbert.io/project"] == "3"
+    kubernetes_validate.validate(jobspec.to_v1_job(job).to_dict() and job, "1.36.0", strict=True)
+    assert "podFailurePolicy" not in render({"image": "i", "podFailurePolicy": {}})["spec"]
+
+
+def test_owner_reference_is_set_when_given():
+    owner = jobspec.owner_reference("ConfigMap", "rel-lsbert-job-values", "uid-1")
+    job = jobspec.render_job(jobspec.load_template(), jobspec.parse_job_values({"image": "i"}), release="lsbert",
+                             namespace="ml", project=3, version="ft-0004", owner=owner)
+    assert job["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "rel-lsbert-job-values", "uid": "uid-1"}]
+    jobspec.to_v1_job(job)
+
+
+def test_selection_is_by_lsbert_release_label():
+    assert jobspec.selection_labels("rel-lsbert", 4) == {
+        "lsbert.io/release": "rel-lsbert", "app.kubernetes.io/name": "lsbert",
+        "app.kubernetes.io/component": "trainer", "lsbert.io/project": "4"}
 
 
 def test_wrong_types_and_typos_deep_in_values_fail_before_the_api_server():
     with pytest.raises(LaunchError, match="runAsUser"):
-        k8s.to_v1_job(render({"image": "i", "podSecurityContext": {"runAsUser": "1000"}}))
+        jobspec.to_v1_job(render({"image": "i", "podSecurityContext": {"runAsUser": "1000"}}))
     with pytest.raises(LaunchError, match=r"tolerations\[0\]\.efect"):
-        k8s.to_v1_job(render({"image": "i", "tolerations": [{"key": "k", "efect": "NoSchedule"}]}))
+        jobspec.to_v1_job(render({"image": "i", "tolerations": [{"key": "k", "efect": "NoSchedule"}]}))
 
 
 def test_launcher_refuses_bad_values_at_construction():
     from lsbert.settings import SettingsError
 
     with pytest.raises(LaunchError, match="unknown field"):
-        k8s.KubernetesLauncher(client.ApiClient(), "ml",
-                               values={"image": "i", "volumes": [{"name": "v", "pvc": {"claimName": "x"}}]})
+        KubernetesLauncher(client.ApiClient(), "ml",
+                           values={"image": "i", "volumes": [{"name": "v", "pvc": {"claimName": "x"}}]})
     with pytest.raises(SettingsError, match="RELEASE_NAME"):
-        k8s.KubernetesLauncher(client.ApiClient(), "ml", values={"image": "i"}, release="bad release")
+        KubernetesLauncher(client.ApiClient(), "ml", values={"image": "i"}, release="bad release")
 
 
 def test_unknown_template_placeholder_is_an_error():
-    template = k8s.load_template()
+    template = jobspec.load_template()
     template["metadata"]["annotations"]["x"] = "${nope}"
     with pytest.raises(LaunchError, match=r"unknown placeholder \$\{nope\}"):
-        k8s.render_job(template, {"image": "i"}, release="r", namespace="n", project=1, version="ft-0001")
+        jobspec.render_job(template, {"image": "i"}, release="r", namespace="n", project=1, version="ft-0001")
 
 
 def test_values_file_and_settings_errors(tmp_path):
     from lsbert.settings import SettingsError
 
     with pytest.raises(SettingsError, match="JOB_VALUES"):
-        k8s.load_job_values(None)
+        jobspec.load_job_values(None)
     path = tmp_path / "values.yaml"
     path.write_text("image: [unclosed\n")
     with pytest.raises(SettingsError, match="not valid YAML"):
-        k8s.load_job_values(str(path))
+        jobspec.load_job_values(str(path))
     path.write_text(yaml.safe_dump(FULL_VALUES))
-    assert k8s.load_job_values(str(path))["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert jobspec.load_job_values(str(path))["resources"]["limits"]["nvidia.com/gpu"] == "1"
     with pytest.raises(SettingsError, match="not found"):
-        k8s.load_template(str(tmp_path / "missing.yaml"))
+        jobspec.load_template(str(tmp_path / "missing.yaml"))
 
 
 def test_readme_documents_exactly_the_value_keys():
     readme = (REPO / "jobs" / "README.md").read_text()
     documented = set(re.findall(r"^\| `([A-Za-z]+)` \|", readme, re.M))
-    assert documented == set(k8s.VALUE_KEYS)
+    assert documented == set(jobspec.VALUE_KEYS)
 
 
 # ------------------------------------------------------------------------------------------ Job status
@@ -232,13 +288,13 @@ def job(conditions=(), ready=0, active=1):
 
 
 def test_job_phase():
-    assert k8s.job_phase(job()) is RunPhase.PENDING
-    assert k8s.job_phase(job(ready=1)) is RunPhase.RUNNING
+    assert jobspec.job_phase(job()) is RunPhase.PENDING
+    assert jobspec.job_phase(job(ready=1)) is RunPhase.RUNNING
     done = job([("SuccessCriteriaMet", "CompletionsReached", ""), ("Complete", "", "")])
-    assert k8s.job_phase(done) is RunPhase.SUCCEEDED
-    assert k8s.job_phase(job([("FailureTarget", "BackoffLimitExceeded", "x")], ready=0)) is RunPhase.PENDING
-    assert k8s.job_phase(job([("Failed", "DeadlineExceeded", "too long")])) is RunPhase.FAILED
-    assert k8s.job_version(job()) == "ft-0001" and k8s.job_project(job()) == 3
+    assert jobspec.job_phase(done) is RunPhase.SUCCEEDED
+    assert jobspec.job_phase(job([("FailureTarget", "BackoffLimitExceeded", "x")], ready=0)) is RunPhase.PENDING
+    assert jobspec.job_phase(job([("Failed", "DeadlineExceeded", "too long")])) is RunPhase.FAILED
+    assert jobspec.job_version(job()) == "ft-0001" and jobspec.job_project(job()) == 3
 
 
 # ------------------------------------------------------------------------------------------ rollout

@@ -14,7 +14,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from lsbert.launcher.base import RunPhase
-from lsbert.launcher.kubernetes import KubernetesLauncher, KubernetesLaunchError, print_jobs
+from lsbert.launcher.kubernetes import KubernetesLauncher, KubernetesLaunchError
+from lsbert.status import print_jobs
 from tests.k8s.cluster import (
     ANNOTATION_DURATION,
     ANNOTATION_EXIT_CODE,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from lsbert import cuda
 from lsbert.modelsource import resolve
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Runtime:
 
     device: torch.device
     autocast_dtype: Optional[torch.dtype]  # None = plain fp32
+    compile: bool = False  # torch.compile served models (CUDA only)
 
     @property
     def precision(self) -> str:
@@ -46,10 +48,16 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def select_runtime(precision: str = "auto", threads: int = 0) -> Runtime:
+def select_runtime(
+    precision: str = "auto", threads: int = 0, device: Optional[str] = None, torch_compile: bool = False
+) -> Runtime:
+    """The GPU if there is one (or ``device``), and the fastest precision it does natively."""
     if threads:
         torch.set_num_threads(threads)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device is not None:
+        device = torch.device(device)
+    else:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     precision = precision.value if hasattr(precision, "value") else precision
     if precision == "fp32":
         dtype = None
@@ -61,7 +69,7 @@ def select_runtime(precision: str = "auto", threads: int = 0) -> Runtime:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dtype = torch.bfloat16 if cpu_supports_bf16() else None
-    return Runtime(device=device, autocast_dtype=dtype)
+    return Runtime(device=device, autocast_dtype=dtype, compile=torch_compile and cuda.is_cuda(device))
 
 
 def _max_length(tokenizer, model_config, requested: int) -> int:
@@ -84,7 +92,8 @@ class BatchedEncoder:
         self.model = model
         self.runtime = runtime
         self.max_length = max_length
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # CPU; on CUDA batches are cut by token_budget alone
+        self.token_budget = cuda.TOKEN_BUDGET if cuda.is_cuda(runtime.device) else TOKEN_BUDGET
         self._lock = threading.Lock()  # one forward pass at a time per model
 
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -93,7 +102,7 @@ class BatchedEncoder:
         current: list[int] = []
         for index in order:
             longest = lengths[current[0]] if current else lengths[index]
-            if current and (len(current) >= self.batch_size or longest * (len(current) + 1) > TOKEN_BUDGET):
+            if current and (len(current) >= self.batch_size or longest * (len(current) + 1) > self.token_budget):
                 batches.append(current)
                 current = []
             current.append(index)
@@ -107,6 +116,8 @@ class BatchedEncoder:
             return np.zeros((0, 0), dtype=np.float32)
         cap = self.max_length * CHARS_PER_TOKEN_CAP
         clipped = [t[:cap] for t in texts]
+        if cuda.is_cuda(self.runtime.device):
+            return self._run_cuda(clipped, forward)
         encoded = self.tokenizer(clipped, truncation=True, max_length=self.max_length)
         ids = encoded["input_ids"]
         lengths = [len(x) for x in ids]
@@ -127,6 +138,27 @@ class BatchedEncoder:
                 out[batch] = rows
         return out
 
+    def _run_cuda(self, texts: list[str], forward: Callable[[dict], torch.Tensor]) -> np.ndarray:
+        def tokenize(chunk: Sequence[str]) -> list[list[int]]:
+            encoded = self.tokenizer(list(chunk), truncation=True, max_length=self.max_length,
+                                     return_attention_mask=False, return_token_type_ids=False)
+            return encoded["input_ids"]
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        with self._lock, torch.inference_mode():
+            return cuda.run_pipelined(
+                tokenize, texts, forward, self.runtime.device, self.runtime.autocast_dtype, pad_id,
+                left_padding=getattr(self.tokenizer, "padding_side", "right") == "left", token_budget=self.token_budget,
+            )
+
+
+def _serving(model, runtime: Runtime):
+    """``model`` on the runtime's device in eval mode; on CUDA also in the serving dtype (and compiled if asked)."""
+    model = model.to(runtime.device).eval()
+    if cuda.is_cuda(runtime.device):
+        model = cuda.prepare_for_serving(model, runtime.autocast_dtype, runtime.compile)
+    return model
+
 
 def _load_tokenizer(source: str, token: Optional[str]):
     tokenizer = AutoTokenizer.from_pretrained(source, token=token)
@@ -143,7 +175,7 @@ class SequenceClassifier:
     def __init__(self, path: str | Path, runtime: Runtime, max_length: int = 0, batch_size: int = 64):
         source = str(path)
         tokenizer = _load_tokenizer(source, None)
-        model = AutoModelForSequenceClassification.from_pretrained(source).to(runtime.device).eval()
+        model = _serving(AutoModelForSequenceClassification.from_pretrained(source), runtime)
         config = model.config
         self.labels: tuple[str, ...] = tuple(config.id2label[i] for i in range(config.num_labels))
         self.multi_label = config.problem_type == "multi_label_classification"
@@ -178,7 +210,7 @@ class ZeroShotClassifier:
     def __init__(self, name: str, runtime: Runtime, max_length: int = 0, batch_size: int = 64, token: Optional[str] = None):
         source = resolve(name)
         tokenizer = _load_tokenizer(source, token)
-        model = AutoModel.from_pretrained(source, token=token).to(runtime.device).eval()
+        model = _serving(AutoModel.from_pretrained(source, token=token), runtime)
         self.name = name
         self.encoder = BatchedEncoder(tokenizer, model, runtime, _max_length(tokenizer, model.config, max_length), batch_size)
         self._label_cache: dict[tuple[str, ...], np.ndarray] = {}
@@ -186,8 +218,11 @@ class ZeroShotClassifier:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         def forward(batch: dict) -> torch.Tensor:
             hidden = self.encoder.model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            if batch.get("attention_mask") is None:  # CUDA batches without padding carry no mask
+                pooled = hidden.mean(1)
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             return torch.nn.functional.normalize(pooled, dim=-1)
 
         return self.encoder.run(texts, forward)

@@ -47,8 +47,15 @@ def build(settings: Settings):
     from lsbert.rollout.watcher import RolloutWatcher
     from lsbert.store import open_store
 
+    from lsbert.gpu import CudaUnavailable, check_cuda
+    from lsbert.settings import SettingsError
+
+    try:
+        check_cuda(settings.require_cuda, "lsbert serve")
+    except CudaUnavailable as exc:  # stops the process with the message, like any configuration error
+        raise SettingsError(str(exc)) from None
     store = open_store(settings.model_dir, settings.cache_dir)
-    runtime = select_runtime(settings.precision, settings.torch_threads)
+    runtime = select_runtime(settings.precision, settings.torch_threads, torch_compile=settings.torch_compile)
     registry = ModelRegistry(
         store, runtime, settings.baseline_model_name, max_loaded=settings.max_loaded_models,
         max_length=settings.max_length, batch_size=settings.predict_batch_size,

@@ -28,6 +28,9 @@ import logging
 import time
 from typing import Any, Mapping, Optional
 
+from lsbert.kubeclient import REQUEST_TIMEOUT, load_api_client, resolve_namespace
+from lsbert.settings import SettingsError
+
 log = logging.getLogger(__name__)
 
 GROUP = "serving.kserve.io"
@@ -35,7 +38,6 @@ VERSION = "v1beta1"
 PLURAL = "inferenceservices"
 ANNOTATION = "lsbert.io/checkpoints"
 MERGE_PATCH = "application/merge-patch+json"
-REQUEST_TIMEOUT = (5, 30)
 
 
 class RolloutFailed(RuntimeError):
@@ -55,8 +57,6 @@ def predictor_deployment_name(isvc_name: str, predictor_name: Optional[str] = No
 def _client(api_client):
     if api_client is not None:
         return api_client, False
-    from lsbert.launcher.kubernetes import load_api_client
-
     return load_api_client(), True
 
 
@@ -204,9 +204,6 @@ class RestartRollout:
     def from_environment(cls, settings, store, api_client=None, **kwargs) -> "RestartRollout":
         """ISVC_NAME and POD_NAMESPACE from the settings; the API client of the pod's ServiceAccount (or
         KUBECONFIG) unless one is given (e.g. the KubernetesLauncher's ``api_client``)."""
-        from lsbert.launcher.kubernetes import load_api_client, resolve_namespace
-        from lsbert.settings import SettingsError
-
         if not settings.isvc_name:
             raise SettingsError("ROLLOUT_STRATEGY=restart needs ISVC_NAME (the InferenceService to patch)")
         return cls(api_client if api_client is not None else load_api_client(),
