@@ -14,7 +14,7 @@ What it does, each step skipped when its result is already there:
    share their large layers, so the second build reuses the first's torch, dependencies and virtualenv;
 5. stops the daemon and leaves no process, mount, socket or cgroup behind.
 
-An unchanged rerun finds the stamp of the last build and the images in the daemon's data directory, and
+An unchanged rerun finds the stamp of its inputs hash and the images in the daemon's data directory, and
 returns in well under a second without starting the daemon. ``load_into_containerd`` copies the images
 into a node's containerd (``docker save | ctr images import``) unless that exact image is already there.
 
@@ -61,7 +61,8 @@ CONTEXT_SKIP_SUFFIXES = (".pyc", ".pyo", ".pyd")
 CACHE = Path(os.environ.get("LSBERT_CACHE") or Path.home() / ".cache" / "lsbert").expanduser()
 DATA_ROOT = CACHE / "docker"
 STATE = CACHE / "images"
-STAMP = STATE / "images.json"
+# One stamp per built set of images (several checkouts of the repository may share this cache).
+STAMPS = STATE / "stamps"
 LOCK = STATE / "build.lock"
 RUN_DIR = Path("/run/lsbert-docker")
 EXEC_ROOT = RUN_DIR / "exec"
@@ -86,6 +87,9 @@ RECIPE_VERSION = 1
 MIN_FREE_BYTES = 25 * 10**9
 
 TAG_PREFIX = "test-"
+# How many built sets stay (the newest): enough for a few checkouts or branches to take turns without
+# rebuilding; each set whose dependencies differ holds its own ~6 GB virtualenv layer.
+KEEP_BUILDS = int(os.environ.get("LSBERT_IMAGES_KEEP", "3"))
 REPOS = ("lsbert-predictor", "lsbert-trainer", "lsbert-build", "lsbert-base")
 
 
@@ -500,12 +504,35 @@ def _build(docker: PrivateDocker, dockerfile: Path, tag: str, base: str, torch_i
     log(f"built {tag}: {time.monotonic() - start:.1f} s ({cached} of {steps} steps from the cache)")
 
 
-def _remove_superseded(docker: PrivateDocker, keep: set[str]) -> None:
-    """Drop our older tags and the dangling images they leave (the current build stage stays tagged, so
-    its cache survives)."""
-    listed = docker.out("images", "--format", "{{.Repository}}:{{.Tag}}")
-    old = [ref for ref in listed.splitlines()
-           if ref.split(":")[0] in REPOS and ref.split(":", 1)[1].startswith(TAG_PREFIX) and ref not in keep]
+def _stamps() -> list[dict]:
+    """Stamps of the built sets, newest first (the single images.json of earlier versions counts too, so
+    that a checkout still running them keeps its images)."""
+    stamps = []
+    for path in [*STAMPS.glob("*.json"), STATE / "images.json"]:
+        with contextlib.suppress(OSError, ValueError):
+            stamps.append({**json.loads(path.read_text()), "_path": path})
+    return sorted(stamps, key=lambda stamp: stamp.get("built", ""), reverse=True)
+
+
+def superseded(tags: Sequence[str], stamps: Sequence[dict], keep_builds: int = KEEP_BUILDS) -> list[str]:
+    """Which of our tags to remove: all but those of the newest `keep_builds` stamps (their images, build
+    stage and base). Tags of other repositories, and tags not made here, are never touched."""
+    keep: set[str] = set()
+    for stamp in stamps[:keep_builds]:
+        keep.update(stamp[key] for key in ("predictor", "trainer", "build_stage", "base") if key in stamp)
+        if "hash" in stamp:
+            keep.add(f"lsbert-build:{TAG_PREFIX}{stamp['hash'][:12]}")
+    return [tag for tag in tags if ":" in tag and tag.split(":")[0] in REPOS
+            and tag.split(":", 1)[1].startswith(TAG_PREFIX) and tag not in keep]
+
+
+def _remove_superseded(docker: PrivateDocker, keep_builds: int = KEEP_BUILDS) -> None:
+    """Keep the newest `keep_builds` sets; drop our other tags and the dangling images they leave. Each
+    kept set's build stage stays tagged, so its cache survives."""
+    stamps = _stamps()
+    for stamp in stamps[keep_builds:]:
+        stamp["_path"].unlink(missing_ok=True)
+    old = superseded(docker.out("images", "--format", "{{.Repository}}:{{.Tag}}").splitlines(), stamps, keep_builds)
     for ref in old:
         docker.run("rmi", ref, check=False, capture_output=True)
     docker.run("image", "prune", "--force", check=False, capture_output=True)
@@ -518,11 +545,15 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def _stamp_path(digest: str) -> Path:
+    return STAMPS / f"{digest[:12]}.json"
+
+
 def _stamp_images(expected_hash: str) -> Images | None:
-    """The images of the last build if its inputs hash is this one and the daemon's data directory still
-    holds them: no daemon needed to know."""
+    """The images built from inputs with this hash, if their stamp says so and the daemon's data directory
+    still holds them: no daemon needed to know."""
     try:
-        stamp = json.loads(STAMP.read_text())
+        stamp = json.loads(_stamp_path(expected_hash).read_text())
     except (OSError, ValueError):
         return None
     if stamp.get("hash") != expected_hash:
@@ -574,12 +605,14 @@ def ensure_images(torch_index: str = TORCH_INDEX) -> Images:
                 _build(docker, DOCKERFILES["predictor"], build_stage, base, torch_index, target="build")
                 _build(docker, DOCKERFILES["predictor"], images.predictor, base, torch_index)
                 _build(docker, DOCKERFILES["trainer"], images.trainer, base, torch_index)
-                _remove_superseded(docker, keep={images.predictor, images.trainer, build_stage, base})
             images = Images(images.predictor, images.trainer,
                             ids={tag: docker.image_id(tag) for tag in images.tags})
-        STAMP.write_text(json.dumps({"hash": digest, "predictor": images.predictor, "trainer": images.trainer,
-                                     "ids": images.ids, "base": base, "torch_index": torch_index,
-                                     "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
+            STAMPS.mkdir(parents=True, exist_ok=True)
+            stamp = {"hash": digest, "predictor": images.predictor, "trainer": images.trainer, "ids": images.ids,
+                     "build_stage": build_stage, "base": base, "torch_index": torch_index,
+                     "built": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.gmtime())}
+            _stamp_path(digest).write_text(json.dumps(stamp, indent=2) + "\n")
+            _remove_superseded(docker)
     log(f"ready: {images.predictor}, {images.trainer} ({time.monotonic() - start:.1f} s)")
     return images
 

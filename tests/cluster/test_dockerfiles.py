@@ -142,3 +142,17 @@ def test_the_base_recipe_follows_the_host_ca_bundle(tmp_path: Path) -> None:
     first = images.base_tag(bundle)
     bundle.write_text("two\n")
     assert images.base_tag(bundle) != first and first.startswith("lsbert-base:test-")
+
+
+def test_only_our_tags_beyond_the_newest_builds_are_removed() -> None:
+    def stamp(digest: str, built: str) -> dict:
+        return {"hash": digest + "0" * 52, "built": built, "base": "lsbert-base:test-b1",
+                "predictor": f"lsbert-predictor:test-{digest}", "trainer": f"lsbert-trainer:test-{digest}"}
+
+    stamps = [stamp("cccccccccccc", "2026-03"), stamp("bbbbbbbbbbbb", "2026-02"), stamp("aaaaaaaaaaaa", "2026-01")]
+    tags = [f"lsbert-{repo}:test-{d * 12}" for d in "abc" for repo in ("predictor", "trainer", "build")]
+    tags += ["lsbert-base:test-b1", "lsbert-base:test-b0", "lsbert-predictor:dev", "python:3.11", "<none>:<none>"]
+    assert images.superseded(tags, stamps, keep_builds=2) == [
+        "lsbert-predictor:test-aaaaaaaaaaaa", "lsbert-trainer:test-aaaaaaaaaaaa", "lsbert-build:test-aaaaaaaaaaaa",
+        "lsbert-base:test-b0"]
+    assert images.superseded(tags, stamps, keep_builds=3) == ["lsbert-base:test-b0"]
