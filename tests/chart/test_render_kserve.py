@@ -2,8 +2,9 @@
 
 What KServe 0.15 understands is narrower than what 0.16+ does: 0.16 renamed the deployment modes
 (RawDeployment -> Standard, Serverless -> Knative) and still accepts, then rewrites, the old names, while
-0.15 ignores an annotation value it does not know, falls back to its cluster default mode (Serverless as
-shipped) and refuses every later update whose annotation differs from the mode it recorded. The tests
+0.15 refuses a deploymentStrategy unless the annotation says RawDeployment, and otherwise ignores an
+annotation value it does not know, falls back to its cluster default mode (Serverless as shipped) and
+refuses every later update whose annotation differs from the mode it recorded. The tests
 under tests/kserve/ run the real controllers; these check the rendering offline.
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -273,6 +274,49 @@ def test_restart_rollout_rolls_a_new_replica_set(kserve_controller: KServeContro
         template = client.AppsV1Api(api).read_namespaced_deployment(PREDICTOR, ns).spec.template
         assert template.metadata.annotations[ANNOTATION] == wanted
     kserve_controller.check_alive()
+
+
+def test_mode_names_each_version_accepts(kserve_controller: KServeController, release: Release) -> None:
+    """Why the chart renders RawDeployment: KServe 0.16+ rewrites it to Standard, while 0.15 does not know
+    Standard, records its cluster default instead and then refuses every update (the restart rollout's
+    patch, and the removal of its own finalizer on delete) because the annotation no longer matches the
+    recorded mode."""
+    cp, ns = release.cp, release.namespace
+    old = standard_mode_name(kserve_controller.version) == "RawDeployment"
+    name = f"mode-{uuid.uuid4().hex[:5]}"
+    mode = "Standard" if old else "RawDeployment"
+    body = {
+        "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": ns, "annotations": {"serving.kserve.io/deploymentMode": mode,
+                                                                   "serving.kserve.io/autoscalerClass": "none"}},
+        "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 1,
+                               "containers": [{"name": "kserve-container", "image": "registry.invalid/x"}]}},
+    }
+    recorded_name = standard_mode_name(kserve_controller.version)
+    cp.kubectl("create", "-f", "-", input=json.dumps(body))
+    try:
+        recorded = wait_until(lambda: (_isvc(cp, ns, name).get("status") or {}).get("deploymentMode"), TIMEOUT,
+                              f"KServe to record the deployment mode of {name}")
+        assert recorded == recorded_name
+        stored = _isvc(cp, ns, name)["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
+        patch = json.dumps({"spec": {"predictor": {"annotations": {ANNOTATION: "p1=x"}}}})
+        res = cp.kubectl("patch", "inferenceservice", name, "-n", ns, "--type=merge", "-p", patch, check=False)
+        if old:
+            assert stored == "Standard"
+            assert res.returncode != 0 and "deploymentMode cannot be changed" in res.stderr, res.stderr
+            # Not even deletable: removing KServe's finalizer is an update the webhook refuses as well.
+            cp.kubectl("delete", "inferenceservice", name, "-n", ns, "--wait=false")
+            time.sleep(5)
+            assert _isvc(cp, ns, name)["metadata"].get("deletionTimestamp")
+        else:
+            assert stored == "Standard"  # rewritten by the mutating webhook
+            assert res.returncode == 0, res.stderr
+    finally:
+        # The recorded mode's own name lets KServe finish (or the test clean up) on every version.
+        fix = json.dumps({"metadata": {"annotations": {"serving.kserve.io/deploymentMode": recorded_name}}})
+        cp.kubectl("patch", "inferenceservice", name, "-n", ns, "--type=merge", "-p", fix, check=False)
+        cp.kubectl("delete", "inferenceservice", name, "-n", ns, "--ignore-not-found", "--wait=true",
+                   "--timeout=60s", timeout=90)
 
 
 def test_uninstall_lets_kserve_clean_up(kserve_controller: KServeController, release: Release) -> None:
