@@ -205,7 +205,7 @@ class KServeController:
             attempt("restore CRDs", self._restore_crds)
             attempt("delete ConfigMap", self._delete, "configmap", CONFIGMAP, NAMESPACE)
             if self._created_namespace:
-                attempt("delete namespace", self._delete, "namespace", NAMESPACE)
+                attempt("delete namespace", self._delete, "namespace", NAMESPACE, None, True)
                 self._created_namespace = False
         if self.dir is not None and not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -235,7 +235,9 @@ class KServeController:
         cp = self.cp
         self.ports = {k: free_port() for k in ("webhook", "metrics", "health")}
 
-        # Namespace + ConfigMap.
+        # Namespace + ConfigMap (a namespace left terminating by a previous controller must go first).
+        wait_until(lambda: ((_get_json(cp, "namespace", NAMESPACE) or {}).get("status") or {}).get("phase")
+                   != "Terminating", max(1.0, deadline - time.monotonic()), f"namespace {NAMESPACE} deleted")
         if not _exists(cp, "namespace", NAMESPACE):
             cp.create_namespace(NAMESPACE)
             self._created_namespace = True
@@ -361,11 +363,11 @@ class KServeController:
         (container,) = created["spec"]["predictor"]["containers"]
         return bool(container.get("resources"))  # filled in by the mutating webhook
 
-    def _delete(self, kind: str, name: str, namespace: Optional[str] = None) -> None:
-        args = ["delete", kind, name, "--ignore-not-found", "--wait=false"]
+    def _delete(self, kind: str, name: str, namespace: Optional[str] = None, wait: bool = False) -> None:
+        args = ["delete", kind, name, "--ignore-not-found", f"--wait={str(wait).lower()}", "--timeout=60s"]
         if namespace:
             args += ["-n", namespace]
-        self.cp.kubectl(*args)
+        self.cp.kubectl(*args, timeout=90)
 
     def _remove_finalizers(self) -> None:
         if not _exists(self.cp, "customresourcedefinition", f"inferenceservices.{GROUP}"):

@@ -60,10 +60,14 @@ def kserve_controller(request: pytest.FixtureRequest, control_plane: ControlPlan
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``kserve`` last, in the order pytest chose for them (grouped by controller version)."""
+    """Tests marked ``kserve`` last, in the order pytest chose for them (grouped by controller version);
+    among them first those that start a controller of their own, before the session's starts."""
     others = [i for i in items if i.get_closest_marker("kserve") is None]
-    if len(others) != len(items):
-        items[:] = others + [i for i in items if i.get_closest_marker("kserve") is not None]
+    if len(others) == len(items):
+        return
+    kserve = [i for i in items if i.get_closest_marker("kserve") is not None]
+    own = [i for i in kserve if "kserve_controller" not in getattr(i, "fixturenames", ())]
+    items[:] = others + own + [i for i in kserve if i not in own]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
