@@ -149,7 +149,8 @@ PY
       log "${v}: go get (module downloads; the long part when cold)"
       "${GO}" get "${module}/cmd/manager@${v}"
       log "${v}: go build -p ${GO_BUILD_P}"
-      "${GO}" build -p "${GO_BUILD_P}" -trimpath -ldflags "-s -w" -o "${d}/kserve-controller.tmp" "${module}/cmd/manager"
+      "${GO}" build -p "${GO_BUILD_P}" -trimpath -ldflags "-s -w" -o "${d}/kserve-controller.tmp" \
+        "${module}/cmd/manager"
     )
     mv -f "${d}/kserve-controller.tmp" "${d}/kserve-controller"
     stamp_content "${v}" > "${d}/.kserve-controller.version"

@@ -50,7 +50,7 @@ from typing import Any, Optional
 
 import yaml
 
-from tests.k8s.cluster import ControlPlane, ControlPlaneError, _PKI, cache_dir, free_port, read_versions, wait_until
+from tests.k8s.cluster import _PKI, ControlPlane, ControlPlaneError, cache_dir, free_port, read_versions, wait_until
 
 NAMESPACE = "kserve"
 CONFIGMAP = "inferenceservice-config"
@@ -452,6 +452,12 @@ def _terminate(popen: subprocess.Popen, grace: float) -> None:
 
 
 __all__ = [
-    "ControlPlaneError", "KServeController", "KServeControllerError", "NAMESPACE", "missing_files",
-    "standard_mode_name", "version_dir", "versions",
+    "NAMESPACE",
+    "ControlPlaneError",
+    "KServeController",
+    "KServeControllerError",
+    "missing_files",
+    "standard_mode_name",
+    "version_dir",
+    "versions",
 ]

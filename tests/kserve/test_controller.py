@@ -136,8 +136,11 @@ def test_inference_service_becomes_predictor_deployment_and_service(
 
         deployment = wait_until(available, TIMEOUT, f"KServe to create {PREDICTOR} and kwok to make 2 pods Ready")
         service = core.read_namespaced_service(PREDICTOR, ns)
-        isvc = wait_until(lambda: (lambda o: o if _condition(o, "Ready").get("status") == "True" else None)(
-            _isvc(cp, ns)), TIMEOUT, "InferenceService Ready")
+        def ready() -> Any:
+            isvc = _isvc(cp, ns)
+            return isvc if _condition(isvc, "Ready").get("status") == "True" else None
+
+        isvc = wait_until(ready, TIMEOUT, "InferenceService Ready")
 
         # Made by the controller from the InferenceService, and owned by it.
         assert _owned_by(deployment, isvc) and _owned_by(service, isvc)

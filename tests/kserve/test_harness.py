@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from tests.k8s.cluster import ControlPlane
 from tests.chart.helm import required
+from tests.k8s.cluster import ControlPlane
 from tests.kserve.controller import NAMESPACE, KServeController, missing_files, versions
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kserve]
