@@ -25,9 +25,11 @@ $(STAMP): pyproject.toml
 run: install
 	BASELINE_MODEL_NAME="$(BASELINE_MODEL_NAME)" $(VENV)/bin/lsbert serve --host $(HOST) --port $(PORT)
 
-# Real Kubernetes binaries (built once from the Go module proxy, cached outside the repo).
+# Real Kubernetes binaries and the KServe controllers (built once from the Go module proxy, cached outside
+# the repo).
 k8s-tools:
 	bash tests/k8s/build.sh
+	bash tests/k8s/build-kserve.sh
 
 # A real Label Studio in its own virtualenv, cached outside the repo.
 labelstudio:

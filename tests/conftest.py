@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import pytest
 import requests
 
-pytest_plugins = ["tests.support.labelstudio", "tests.k8s.plugin"]
+pytest_plugins = ["tests.support.labelstudio", "tests.k8s.plugin", "tests.kserve.plugin"]
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("LSBERT_SHARED_DIR", REPO.parent / "shared"))

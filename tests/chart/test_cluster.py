@@ -332,7 +332,7 @@ def _isvc(cp: ControlPlane, ns: str, name: str = FULLNAME) -> dict[str, Any]:
 def test_kserve_release_creates_the_inference_service(kserve: Release) -> None:
     cp, ns = kserve.cp, kserve.namespace
     isvc = _isvc(cp, ns)  # accepted by the API server against the real CRD schema
-    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
     predictor = isvc["spec"]["predictor"]
     assert predictor["deploymentStrategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     (container,) = predictor["containers"]

@@ -207,7 +207,7 @@ def test_kserve_or_plain_deployment(case: Case) -> None:
     if case.isvc:
         isvc = m.get("InferenceService", FULLNAME)
         assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
-        assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
         (container,) = isvc["spec"]["predictor"]["containers"]
         assert container["name"] == "kserve-container"
         assert not m.has("Deployment") and not m.has("Service") and not m.has("HorizontalPodAutoscaler")
