@@ -24,8 +24,9 @@ _WANT_REAL_NODE: list[bool] = [False]
 _REAL_NODE_SKIPPED: list[str] = []
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    _WANT_REAL_NODE[0] = any(item.get_closest_marker("cluster") for item in items)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # After -m/-k deselection: only a session that will run a `cluster` test starts the real node.
+    _WANT_REAL_NODE[0] = any(item.get_closest_marker("cluster") for item in session.items)
 
 
 def _k8s_required() -> bool:
