@@ -73,6 +73,26 @@ def test_local_unreadable_pointer_and_bad_root(tmp_path: Path, checkpoint: Path)
     assert bad.versions(PROJECT) == [] and bad.projects() == []
 
 
+def test_local_permission_denied_says_who_owns_the_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume the process cannot write (a root-owned share): the error names the owner, the mode and the uid."""
+    import os
+
+    root = tmp_path / "models"
+    root.mkdir()
+    root.chmod(0o755)
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(StoreError) as info:
+        LocalStore(root).next_version(PROJECT, "m")
+    msg = str(info.value)
+    assert msg.startswith(f"permission denied creating {root / str(PROJECT)} ({root} is owned by uid "), msg
+    assert f"uid {os.getuid()} gid {os.getgid()}" in msg and "mode 0755" in msg, msg
+    assert "volumePermissions.enabled=true" in msg, msg
+
+
 def test_s3_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> None:
     """A moto_server that enforces IAM auth: unknown credentials are refused with 403."""
     server = start_moto(tmp_path, {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})

@@ -54,6 +54,29 @@ METADATA_TMP_PREFIX = f".{METADATA_FILE}.tmp-"
 LOCK_FILE = ".metadata.lock"
 
 
+def _ownership_hint(path: Path) -> str:
+    """Who owns the nearest existing directory of ``path`` and who this process is: the usual cause of a
+    permission error on a mounted volume is a directory owned by root that the pods' user cannot write."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        st = where.stat()
+    except OSError:
+        return ""
+    return (f" ({where} is owned by uid {st.st_uid} gid {st.st_gid} with mode {st.st_mode & 0o7777:04o}; this "
+            f"process runs as uid {os.getuid()} gid {os.getgid()} and cannot write there: give the directory to "
+            "that uid, e.g. with the chart's volumePermissions.enabled=true or a volume owned by it)")
+
+
+_READS = ("listing", "reading")
+
+
+def _permission_denied(action: str, path: Path) -> StoreError:
+    hint = "" if action in _READS else _ownership_hint(path)
+    return StoreError(f"permission denied {action} {path}{hint}")
+
+
 @contextlib.contextmanager
 def _os_errors(action: str, path: Path) -> Iterator[None]:
     """Turn OSErrors into StoreErrors that name the location."""
@@ -62,7 +85,7 @@ def _os_errors(action: str, path: Path) -> Iterator[None]:
     except StoreError:
         raise
     except PermissionError:
-        raise StoreError(f"permission denied {action} {path}") from None
+        raise _permission_denied(action, path) from None
     except OSError as exc:
         where = exc.filename or path
         raise StoreError(f"{action} {where} failed: {exc.strerror or exc}") from exc
@@ -242,7 +265,7 @@ class LocalStore(CheckpointStore):
         except FileExistsError:
             return False
         except PermissionError:
-            raise StoreError(f"permission denied reserving {marker}") from None
+            raise _permission_denied("reserving", marker) from None
         except OSError as exc:
             raise StoreError(f"reserving {marker} failed: {exc.strerror or exc}") from exc
         return True
@@ -381,7 +404,7 @@ class LocalStore(CheckpointStore):
             except FileNotFoundError:
                 continue  # a concurrent prune got it
             except PermissionError:
-                raise StoreError(f"permission denied deleting {vdir}") from None
+                raise _permission_denied("deleting", vdir) from None
             except OSError as exc:
                 raise StoreError(f"deleting {vdir} failed: {exc.strerror or exc}") from exc
             shutil.rmtree(trash, ignore_errors=True)
