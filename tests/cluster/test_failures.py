@@ -19,7 +19,8 @@ def _install(control_plane, namespace, name, images, ls, api_key, baseline, tmp_
     storage_class = f"{name}-sc"
     pv_for(storage_class)
     values = harness.chart_values(images, ls_url=ls.url, api_key=api_key, baseline_dir=baseline,
-                                  storage={"type": "pvc", "pvc": {"storageClassName": storage_class, "keep": False}},
+                                  storage={"type": "pvc", "pvc": {"storageClassName": storage_class, "size": "1Gi",
+                                                                   "keep": False}},
                                   extra=extra)
     release = harness.install(control_plane, namespace, name, values, tmp_path)
     harness.wait_ready_predictor(release)
