@@ -44,7 +44,10 @@ node-tools: install
 	  $(PY) -m tests.cluster.images; \
 	else echo "node-tools: not root, the cluster tests will be skipped (they fail under CI)"; fi
 
-test: install k8s-tools labelstudio node-tools
+# The Go builds are CPU-bound, the image build and Label Studio mostly download and unpack: on a cold
+# machine they overlap (-j3); each is a no-op when its cache is current.
+test: install
+	$(MAKE) --no-print-directory -j3 k8s-tools labelstudio node-tools
 	$(PY) -m pytest
 
 # Without Label Studio and the control plane: seconds to minutes, for the inner loop.
