@@ -78,6 +78,8 @@ PSA = ('Error creating: pods "rel-lsbert-train-p3-0004-x" is forbidden: violates
      dict(pods=[pod()], pod_events=[event("FailedMount", "MountVolume.SetUp failed: mount.nfs: access denied")]),
      "FailedMount: MountVolume.SetUp failed: mount.nfs: access denied"),
     ("image", dict(pods=[pod(waiting="ImagePullBackOff")]), "ImagePullBackOff: ImagePullBackOff detail"),
+    ("image not on an air-gapped node", dict(pods=[pod(waiting="ErrImageNeverPull")]),
+     "ErrImageNeverPull: ErrImageNeverPull detail"),
     ("init container secret", dict(pods=[pod(init_waiting="CreateContainerConfigError")]),
      "CreateContainerConfigError: CreateContainerConfigError detail"),
     ("still creating", dict(pods=[pod(waiting="ContainerCreating")]), ""),
