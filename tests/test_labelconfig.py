@@ -26,8 +26,10 @@ def test_multiple_choice_alias_and_other_data_key():
 
 def test_serves_the_choices_bound_to_text_not_other_controls():
     spec = parse_label_config(
-        '<View><Image name="img" value="$image"/><Choices name="quality" toName="img"><Choice value="Blurry"/></Choices>'
-        '<Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="A"/><Choice value="B"/></Choices></View>'
+        '<View><Image name="img" value="$image"/>'
+        '<Choices name="quality" toName="img"><Choice value="Blurry"/></Choices>'
+        '<Text name="t" value="$text"/>'
+        '<Choices name="c" toName="t"><Choice value="A"/><Choice value="B"/></Choices></View>'
     )
     assert spec.from_name == "c" and spec.labels == ("A", "B")
 

@@ -13,7 +13,7 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; images use 0.0.0.0)")
     parser.add_argument("--port", type=int, default=9090, help="HTTP port (default 9090)")
     args = parser.parse_args(argv)
-    from lsbert.predictor.server import serve
+    from lsbert.serve import serve
 
     return serve(host=args.host, port=args.port)
 

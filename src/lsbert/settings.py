@@ -129,8 +129,9 @@ class Settings(BaseSettings):
         return bool(self.basic_auth_user)
 
 
-class SettingsError(SystemExit):
-    """Raised at start for invalid configuration; the message names each bad variable."""
+class SettingsError(ValueError):
+    """Invalid configuration; the message names each bad variable. The command line (``lsbert``) turns it
+    into a message on stderr and exit code 2."""
 
 
 def load_settings(**overrides) -> Settings:

@@ -11,6 +11,7 @@ from typing import Optional, TextIO
 
 from lsbert.kubeclient import REQUEST_TIMEOUT, api_message, load_api_client, resolve_namespace
 from lsbert.launcher.base import RunPhase
+from lsbert.settings import SettingsError
 from lsbert.launcher.jobspec import (
     APP_NAME,
     COMPONENT,
@@ -83,8 +84,8 @@ def print_jobs(namespace: Optional[str] = None, *, api_client=None, out: Optiona
         jobs = client.BatchV1Api(api_client).list_namespaced_job(
             ns, label_selector=label_selector({LABEL_NAME: APP_NAME, LABEL_COMPONENT: COMPONENT}),
             _request_timeout=REQUEST_TIMEOUT).items
-    except (Exception, SystemExit) as exc:
-        why = api_message(exc) if isinstance(exc, Exception) else str(exc)
+    except Exception as exc:
+        why = str(exc) if isinstance(exc, SettingsError) else api_message(exc)
         print(f"training Jobs in namespace {ns}: cannot list them ({why})", file=sys.stderr)
         return 1
     finally:
@@ -94,16 +95,18 @@ def print_jobs(namespace: Optional[str] = None, *, api_client=None, out: Optiona
         print(f"no lsbert training Jobs in namespace {ns}", file=out)
         return 0
     now = time.time()
-    rows = [("JOB", "PROJECT", "VERSION", "PHASE", "AGE", "MESSAGE")]
+    rows: list[tuple[str, ...]] = [("JOB", "PROJECT", "VERSION", "PHASE", "AGE", "MESSAGE")]
     for job in sorted(jobs, key=age_key):
         phase = job_phase(job)
         message = ""
         if phase is RunPhase.FAILED:
             cond = condition(job, "Failed")
             message = f"{cond.reason}: {cond.message}"[:120]
-        labels = job.metadata.labels or {}
-        rows.append((job.metadata.name, labels.get(LABEL_PROJECT, "?"), job_version(job), phase.value,
-                     _age(now - (timestamp(job.metadata.creation_timestamp) or now)), message))
+        meta = job.metadata
+        assert meta is not None  # the API server always sends metadata
+        labels = meta.labels or {}
+        rows.append((str(meta.name), labels.get(LABEL_PROJECT, "?"), job_version(job), phase.value,
+                     _age(now - (timestamp(meta.creation_timestamp) or now)), message))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     print(f"training Jobs in namespace {ns}:", file=out)
     for row in rows:

@@ -74,7 +74,7 @@ def test_schema_validation_catches_what_the_launcher_must_not_send(kubernetes_va
     body["spec"]["template"]["spec"]["containers"][0]["bogusField"] = 1
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(body, "1.36.0", strict=True)
-    with pytest.raises(LaunchError, match="unknown field.*bogusField"):
+    with pytest.raises(LaunchError, match=r"unknown field.*bogusField"):
         jobspec.to_v1_job(body)
 
 

@@ -201,7 +201,7 @@ def test_racing_replicas_end_with_one_active_job(launcher_ns):
         barrier = threading.Barrier(len(launchers))
         runs: list = [None] * len(launchers)
 
-        def go(i):
+        def go(i, project=project, barrier=barrier, runs=runs):
             barrier.wait()
             runs[i] = launchers[i].launch(project, f"ft-{i + 1:04d}", [])
 
@@ -303,7 +303,7 @@ def test_from_environment_with_kubeconfig_and_lsbert_status(launcher_ns, tmp_pat
 
     import yaml
 
-    from lsbert.predictor.server import make_launcher
+    from lsbert.serve import make_launcher
     from lsbert.settings import load_settings
 
     kubeconfig = launcher_ns.cp.service_account_kubeconfig(launcher_ns.name, launcher_ns.service_account)

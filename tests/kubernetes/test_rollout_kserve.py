@@ -110,7 +110,7 @@ def test_roll_patches_the_predictor_annotation_and_the_deployment_judges_complet
 
 
 def test_progress_deadline_exceeded_is_a_failure(kserve_ns):
-    ns, co, apps = kserve_ns
+    ns, _co, apps = kserve_ns
     # five GPUs per pod fit on no node: the rollout cannot progress and hits its deadline
     apps.create_namespaced_deployment(ns.name, predictor_deployment("stuck-predictor", replicas=1, gpus=5, deadline=1))
     with ns.sa_client() as sa:
@@ -131,7 +131,7 @@ def test_status_written_through_the_status_subresource_is_judged(kserve_ns):
     """Deployment status written through the status subresource, as a controller would. The Deployment is
     paused so the real controller leaves its Progressing condition alone (it may still rewrite the replica
     counts, to the same values: one kwok pod is up), and each check re-writes the status it expects."""
-    ns, co, apps = kserve_ns
+    ns, _co, apps = kserve_ns
     name = "paused-predictor"
     apps.create_namespaced_deployment(ns.name, predictor_deployment(name, replicas=1, annotation="p1=ft-0001"))
     apps.patch_namespaced_deployment(name, ns.name, {"spec": {"paused": True}})
@@ -206,7 +206,7 @@ def test_scheduler_with_restart_rollout_as_on_finished(kserve_ns, tmp_path):
     from lsbert.store.local import LocalStore
     from tests.k8s.cluster import ANNOTATION_DURATION
 
-    ns, co, apps = kserve_ns
+    ns, co, _apps = kserve_ns
     store = LocalStore(tmp_path / "store")
 
     async def scenario(sa):

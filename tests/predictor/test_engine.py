@@ -5,7 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from lsbert.predictor.engine import ZeroShotClassifier, cpu_supports_bf16, select_runtime
+from lsbert.model.engine import ZeroShotClassifier
+from lsbert.model.runtime import cpu_supports_bf16, select_runtime
 from tests.conftest import MINILM
 
 TEXTS = [

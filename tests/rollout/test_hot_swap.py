@@ -69,7 +69,7 @@ def test_swap_under_continuous_predict_load(server_factory, tmp_path):
     assert any("ft-0001" in v for v in seen) and all(v[-1] == "ft-0002" for v in seen)
     metrics = requests.get(server.url + "/metrics", timeout=5).text
     assert "lsbert_model_swaps_total 1.0" in metrics
-    serving = [l for l in metrics.splitlines() if l.startswith("lsbert_serving_model_info{")]
+    serving = [line for line in metrics.splitlines() if line.startswith("lsbert_serving_model_info{")]
     assert f'lsbert_serving_model_info{{kind="finetuned",project="{PROJECT}",version="ft-0001"}} 0.0' in serving, serving
     assert f'lsbert_serving_model_info{{kind="finetuned",project="{PROJECT}",version="ft-0002"}} 1.0' in serving
     assert "swapped ft-0001 -> ft-0002" in server.log()

@@ -73,7 +73,7 @@ def start_moto(tmp_dir: Path, extra_env: Optional[dict[str, str]] = None) -> Mot
         except OSError:
             if time.monotonic() > deadline:
                 stop_moto(proc)
-                raise RuntimeError("moto_server did not come up in 30 s")
+                raise RuntimeError("moto_server did not come up in 30 s") from None
             time.sleep(0.1)
     return MotoServer(endpoint=endpoint, proc=proc)
 

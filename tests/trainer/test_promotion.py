@@ -51,8 +51,8 @@ def test_predictions_for_each_kind_of_head():
     labels = ["a", "b", "c"]
     proba = np.array([[0.6, 0.7, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)
     # softmax head or single-label config: argmax of the known labels; nothing known -> no prediction
-    assert predictions_for(proba, labels, multi_label=False, model_multi_label=False) == [("b",), ()]
-    assert predictions_for(proba, labels, multi_label=False, model_multi_label=True) == [("b",), ()]
-    assert predictions_for(proba, labels, multi_label=True, model_multi_label=False) == [("b",), ()]
-    # sigmoid head for a multi-label config: threshold
-    assert predictions_for(proba, labels, multi_label=True, model_multi_label=True) == [("a", "b"), ()]
+    for multi_label, model_multi_label in ((False, False), (False, True), (True, False)):
+        assert predictions_for(proba, labels, multi_label, model_multi_label, threshold=0.5) == [("b",), ()]
+    # sigmoid head for a multi-label config: the serving threshold (MULTI_LABEL_THRESHOLD), not a fixed 0.5
+    assert predictions_for(proba, labels, multi_label=True, model_multi_label=True, threshold=0.5) == [("a", "b"), ()]
+    assert predictions_for(proba, labels, multi_label=True, model_multi_label=True, threshold=0.65) == [("b",), ()]

@@ -118,7 +118,8 @@ def test_the_promotion_decision_is_recorded_and_applied(first_run):
 
 
 def test_the_model_learned_above_chance_on_held_out_data(first_run, data):
-    from lsbert.predictor.engine import Runtime, SequenceClassifier
+    from lsbert.model.engine import SequenceClassifier
+    from lsbert.model.runtime import Runtime
 
     import torch
 

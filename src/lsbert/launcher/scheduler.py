@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 from lsbert.launcher.base import Launcher, LaunchError, Run, RunPhase
-from lsbert.predictor import metrics
+from lsbert import metrics
 from lsbert.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class ProjectTraining:
 class TrainingScheduler:
     def __init__(self, launcher: Launcher, store: CheckpointStore, *, every_n_updates: int, version_name: str,
                  train_args: Optional[list[str]] = None, poll_seconds: float = 2.0,
-                 on_finished: Optional[Callable[[int, Run], Awaitable[None]]] = None):
+                 on_finished: Optional[Callable[[int, Run], Awaitable[object]]] = None):
         self.launcher = launcher
         self.store = store
         self.every_n_updates = every_n_updates

@@ -17,7 +17,8 @@ from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from lsbert.predictor.service import PredictorService, UnknownProject, parse_project_id
+from lsbert.predictor.errors import UnknownProject
+from lsbert.predictor.service import PredictorService, parse_project_id
 
 
 def _texts(values: Any) -> list[str]:
@@ -82,7 +83,7 @@ class LsbertModel(Model):
             classified = await self.service.classify_texts(
                 texts, project=project, labels=labels, multi_label=bool(_param(params, "multi_label"))
             )
-        except (UnknownProject, ValueError) as exc:
+        except (UnknownProject, ValueError) as exc:  # KServe's protocols answer bad input with 400
             raise InvalidInput(str(exc)) from None
 
         chosen = [list(p.chosen) for p in classified.predictions]

@@ -14,8 +14,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from lsbert.labelconfig import ClassificationSpec, LabelConfigError, parse_label_config
-from lsbert.predictor import metrics
+from lsbert import metrics
+from lsbert.labelconfig import ClassificationSpec, parse_label_config
+from lsbert.model import ModelKind
+from lsbert.predictor.errors import UnknownProject
 from lsbert.predictor.inference import InferenceQueue
 from lsbert.predictor.registry import ModelRegistry
 from lsbert.predictor.results import Prediction, decide, project_probabilities, task_text, to_label_studio
@@ -24,14 +26,10 @@ from lsbert.predictor.textsource import TextSourceError, fetch_text
 log = logging.getLogger(__name__)
 
 
-class UnknownProject(LookupError):
-    pass
-
-
 @dataclass
 class Classified:
     version: str
-    kind: str
+    kind: ModelKind
     labels: tuple[str, ...]
     probabilities: np.ndarray
     predictions: list[Prediction]
@@ -97,10 +95,10 @@ class PredictorService:
             spec = self.spec_from_config(label_config)
             self.registry.remember(project, spec)
             return spec
-        spec = self.registry.spec(project)
-        if spec is None:
+        known = self.registry.spec(project)
+        if known is None:
             raise UnknownProject(f"project {project} is unknown: send 'label_config' or call /setup first")
-        return spec
+        return known
 
     # --- prediction ---------------------------------------------------------------------------------
     async def _classify(self, project: Optional[int], spec: ClassificationSpec, texts: Sequence[str]) -> Classified:
@@ -137,7 +135,7 @@ class PredictorService:
         started = time.perf_counter()
         texts = await self._texts_of(tasks, spec)
         good = [i for i, t in enumerate(texts) if t is not None]
-        classified = await self._classify(project, spec, [texts[i] for i in good])
+        classified = await self._classify(project, spec, [t for t in texts if t is not None])
         by_index = dict(zip(good, classified.predictions))
         results = [to_label_studio(by_index.get(i), spec, classified.version) for i in range(len(tasks))]
         metrics.TASKS_PREDICTED.labels("ok").inc(len(good))
@@ -162,15 +160,16 @@ class PredictorService:
                     f"zero-shot; known projects: {known}"
                 )
             project = known[0]
-        spec = self.registry.spec(project)
-        if spec is None:
-            served = self.registry.loaded(project)
-            version = self.registry.pointer(project)
-            if served is None and version:
-                served = await self.registry.ensure_loaded(project, version)
-            if served is None:
-                raise UnknownProject(f"project {project} is unknown: connect it from Label Studio first")
-            spec = ClassificationSpec("label", "text", "text", served.labels, served.multi_label)
+        remembered = self.registry.spec(project)
+        if remembered is not None:
+            return await self._classify(project, remembered, texts)
+        served = self.registry.loaded(project)
+        version = self.registry.pointer(project)
+        if served is None and version:
+            served = await self.registry.ensure_loaded(project, version)
+        if served is None:
+            raise UnknownProject(f"project {project} is unknown: connect it from Label Studio first")
+        spec = ClassificationSpec("label", "text", "text", served.labels, served.multi_label)
         return await self._classify(project, spec, texts)
 
     def close(self) -> None:
@@ -180,6 +179,3 @@ class PredictorService:
 
 def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, dict) else None
-
-
-__all__ = ["PredictorService", "UnknownProject", "LabelConfigError", "parse_project_id", "Classified"]

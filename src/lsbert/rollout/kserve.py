@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, cast
 
 from lsbert.kubeclient import REQUEST_TIMEOUT, load_api_client, resolve_namespace
 from lsbert.settings import SettingsError
@@ -66,8 +66,8 @@ def read_checkpoints(isvc_name: str, namespace: str, *, api_client=None) -> tupl
 
     api, owned = _client(api_client)
     try:
-        isvc = client.CustomObjectsApi(api).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, isvc_name, _request_timeout=REQUEST_TIMEOUT)
+        isvc = cast(dict[str, Any], client.CustomObjectsApi(api).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, isvc_name, _request_timeout=REQUEST_TIMEOUT))
     finally:
         if owned:
             api.close()

@@ -42,6 +42,7 @@ from lsbert.store.base import (
     pointer_bytes,
     source_files,
     utc_now,
+    newest_mtime,
     version_seq,
 )
 
@@ -101,20 +102,6 @@ def _copy_file(src: Path, dst: Path) -> int:
         return os.fstat(fd).st_size
     finally:
         os.close(fd)
-
-
-def _newest_mtime(path: Path) -> float:
-    """The newest mtime in a tree (a staging dir's own mtime does not move when its subdirs fill)."""
-    try:
-        newest = path.lstat().st_mtime
-    except OSError:
-        return time.time()
-    if path.is_dir() and not path.is_symlink():
-        for dirpath, dirnames, filenames in os.walk(path):
-            for name in dirnames + filenames:
-                with contextlib.suppress(OSError):
-                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
-    return newest
 
 
 def _hidden_seq(name: str) -> Optional[int]:
@@ -402,7 +389,7 @@ class LocalStore(CheckpointStore):
                     reservations.append((seq, path))
                 continue
             if name.startswith(DELETING_PREFIX) or (
-                name.startswith((STAGING_PREFIX, POINTER_TMP_PREFIX)) and now - _newest_mtime(path) > STALE_AFTER_S
+                name.startswith((STAGING_PREFIX, POINTER_TMP_PREFIX)) and now - newest_mtime(path) > STALE_AFTER_S
             ):
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)

@@ -57,13 +57,13 @@ from lsbert.store.base import (
     check_version,
     format_version,
     metadata_bytes,
+    newest_mtime,
     parse_pointer,
     pointer_bytes,
     source_files,
     utc_now,
     version_seq,
 )
-from lsbert.store.local import _newest_mtime
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -473,7 +473,9 @@ class S3Store(CheckpointStore):
                 if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
                     continue  # changed under us: merge again
                 if code in ("NoSuchKey",) or (status == 404 and code != "NoSuchBucket"):
-                    raise VersionNotFound(f"version {version} of project {project} was deleted at {self._loc(key)}")
+                    raise VersionNotFound(
+                        f"version {version} of project {project} was deleted at {self._loc(key)}"
+                    ) from None
                 if extra and (code in _NO_CONDITIONAL or status in (400, 501)):
                     self._conditional_put = False
                     continue
@@ -627,6 +629,6 @@ class S3Store(CheckpointStore):
         with contextlib.suppress(OSError):
             for entry in os.scandir(parent):
                 if entry.name.startswith(STALE_CACHE_PREFIX) or (
-                    entry.name.startswith(PARTIAL_PREFIX) and now - _newest_mtime(Path(entry.path)) > STALE_AFTER_S
+                    entry.name.startswith(PARTIAL_PREFIX) and now - newest_mtime(Path(entry.path)) > STALE_AFTER_S
                 ):
                     shutil.rmtree(entry.path, ignore_errors=True)

@@ -26,7 +26,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 from lsbert.labelconfig import ClassificationSpec, LabelConfigError, parse_label_config
 from lsbert.settings import Settings, SettingsError, load_settings
-from lsbert.store.base import CheckpointStore, StoreError, check_version, open_store, utc_now
+from lsbert.store import CheckpointStore, StoreError, open_store
+from lsbert.store.base import check_version, utc_now
 
 log = logging.getLogger("lsbert.trainer")
 
@@ -274,8 +275,9 @@ class Evaluation:
 
 def _evaluate(ctx: dict[str, Any], model, tokenizer, validation, progress: Progress) -> Evaluation:
     """The new model, then the serving one, on the same validation examples."""
+    from lsbert.model.decision import predicted_labels
     from lsbert.trainer.loop import predict_proba
-    from lsbert.trainer.metrics import classification_metrics, predicted_labels
+    from lsbert.trainer.metrics import classification_metrics
     from lsbert.trainer.promotion import evaluate_serving
 
     started = time.perf_counter()
@@ -285,7 +287,7 @@ def _evaluate(ctx: dict[str, Any], model, tokenizer, validation, progress: Progr
     proba = predict_proba(
         model, tokenizer, [e.text for e in validation], spec.multi_label, ctx["runtime"], ctx["max_length"]
     )
-    predicted = predicted_labels(proba, ctx["labels"], spec.multi_label)
+    predicted = predicted_labels(proba, ctx["labels"], spec.multi_label, ctx["threshold"])
     metrics = classification_metrics([e.labels for e in validation], predicted, spec.labels, spec.multi_label)
     progress(
         f"eval: new model accuracy {metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f} "
@@ -298,9 +300,9 @@ def _evaluate(ctx: dict[str, Any], model, tokenizer, validation, progress: Progr
         )
     serving = evaluate_serving(
         ctx["store"], ctx["project"], ctx["serving_version"], spec, validation, ctx["runtime"],
-        ctx["base_model"], ctx["max_length"], ctx["token"],
+        ctx["base_model"], ctx["max_length"], ctx["token"], threshold=ctx["threshold"],
     )
-    described = {"kind": serving.kind, "version": serving.version}
+    described = {"kind": serving.kind.value, "version": serving.version}
     if serving.note:
         described["note"] = serving.note
     progress(
@@ -344,7 +346,7 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     import torch
 
     from lsbert.modelsource import resolve
-    from lsbert.predictor.engine import select_runtime
+    from lsbert.model.runtime import select_runtime
     from lsbert.trainer.dataset import build_examples, label_counts, split_examples
     from lsbert.trainer.loop import Hyperparameters, available_cores, fine_tune, load_for_training
     from lsbert.trainer.promotion import decide
@@ -416,7 +418,7 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     # --- evaluate and decide ------------------------------------------------------------------------
     ctx = {"store": store, "project": project, "serving_version": serving_version, "spec": spec,
            "labels": start.labels, "runtime": runtime, "max_length": result.max_length,
-           "base_model": base_model, "token": token}
+           "base_model": base_model, "token": token, "threshold": settings.multi_label_threshold}
     evaluation = _evaluate(ctx, model, tokenizer, validation, progress)
     decision = decide(evaluation.score, evaluation.serving_score, settings.promotion_margin, len(validation))
     promotion = promotion_record(decision, args.no_promote, serving_version, store.promoted(project), evaluation.serving)

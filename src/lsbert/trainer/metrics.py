@@ -2,7 +2,8 @@
 
 Single-label: accuracy and macro-F1, plus precision/recall/F1/support per label.
 Multi-label: subset accuracy (every label of an example right), micro- and macro-F1, per label the same
-four numbers; predictions come from probabilities with a 0.5 threshold.
+four numbers. Predictions are label names (``lsbert.model.decision`` turns probabilities into them with
+the serving threshold).
 
 Macro averages run over the labels that occur in the truth or in the predictions (scikit-learn's default
 when no label list is given): a label absent from both says nothing about the model and would only drag
@@ -13,9 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Collection, Optional, Sequence
 
-import numpy as np
-
-THRESHOLD = 0.5
 
 
 def _ratio(num: float, den: float) -> float:
@@ -113,18 +111,6 @@ def multi_label_metrics(
         "macro_f1": _macro_f1(per_label, tp, fp, fn),
         "per_label": per_label,
     }
-
-
-def predicted_labels(
-    proba: np.ndarray, labels: Sequence[str], multi_label: bool, threshold: float = THRESHOLD
-) -> list[tuple[str, ...]]:
-    """Label names from a (examples × labels) probability matrix: argmax, or every label ≥ threshold."""
-    proba = np.asarray(proba, dtype=np.float32)
-    if proba.ndim != 2 or (len(proba) and proba.shape[1] != len(labels)):
-        raise ValueError(f"expected an (n, {len(labels)}) probability matrix, got shape {proba.shape}")
-    if multi_label:
-        return [tuple(labels[j] for j in np.flatnonzero(row >= threshold)) for row in proba]
-    return [(labels[int(j)],) for j in proba.argmax(axis=1)] if len(proba) else []
 
 
 def classification_metrics(
