@@ -12,6 +12,7 @@ from lsbert.launcher.base import RunPhase
 from lsbert.launcher.local import LocalLauncher
 from lsbert.launcher.scheduler import TrainingScheduler
 from lsbert.store.local import LocalStore
+from tests.support.polling import until
 
 GATE = Path(__file__).with_name("gate.py")
 
@@ -22,14 +23,6 @@ def make(tmp_path: Path, every: int = 10, fail: bool = False, finished=None) -> 
     store = LocalStore(tmp_path / "store")
     return TrainingScheduler(launcher, store, every_n_updates=every, version_name="ft", poll_seconds=0.05,
                              train_args=["--fail"] if fail else [], on_finished=finished)
-
-
-async def until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def started(tmp_path: Path) -> list[str]:

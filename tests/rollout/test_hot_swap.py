@@ -2,13 +2,13 @@
 zero failed requests and no response that mixes two versions."""
 
 import threading
-import time
 
 import requests
 
 from lsbert.store.local import LocalStore
 from tests.conftest import fixture
 from tests.support.checkpoints import save_checkpoint
+from tests.support.polling import wait_until
 
 BODY = fixture("predict-20-tasks.json")["body_json"]
 PROJECT = int(BODY["project"].split(".")[0])
@@ -46,15 +46,13 @@ def test_swap_under_continuous_predict_load(server_factory, tmp_path):
     threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(2)
+    wait_until(lambda: all(len(s) >= 2 for s in seen) or errors, 60, "every worker answered twice by ft-0001")
     save_checkpoint(store, PROJECT, "ft-0002", labels, seed=2)
     store.promote(PROJECT, "ft-0002")
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if requests.post(server.url + "/setup", json=setup, timeout=5).json()["model_version"] == "ft-0002":
-            break
-        time.sleep(0.2)
-    time.sleep(2)
+    wait_until(lambda: requests.post(server.url + "/setup", json=setup, timeout=5).json()["model_version"] == "ft-0002",
+               60, "the predictor to serve ft-0002", interval=0.2)
+    wait_until(lambda: all(s[-2:] == ["ft-0002", "ft-0002"] for s in seen) or errors, 60,
+               "every worker answered twice by ft-0002")
     stop.set()
     for t in threads:
         t.join()
@@ -84,14 +82,10 @@ def test_predictors_sharing_a_store_converge(server_factory, tmp_path):
     setup = {"project": BODY["project"], "schema": BODY["label_config"]}
     save_checkpoint(store, PROJECT, "ft-0002", ("Positive", "Negative"), seed=4)
     store.promote(PROJECT, "ft-0002")
-    deadline = time.time() + 60
-    versions = []
-    while time.time() < deadline:
-        versions = [requests.post(s.url + "/setup", json=setup, timeout=5).json()["model_version"] for s in servers]
-        if versions == ["ft-0002", "ft-0002"]:
-            break
-        time.sleep(0.3)
-    assert versions == ["ft-0002", "ft-0002"]
+    def versions() -> list[str]:
+        return [requests.post(s.url + "/setup", json=setup, timeout=5).json()["model_version"] for s in servers]
+
+    wait_until(lambda: versions() == ["ft-0002", "ft-0002"], 60, "both replicas to serve ft-0002", interval=0.3)
     answers = [requests.post(s.url + "/predict", json=BODY, timeout=30).json()["results"] for s in servers]
     assert [r["result"][0]["value"] for r in answers[0]] == [r["result"][0]["value"] for r in answers[1]]
 

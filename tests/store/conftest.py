@@ -154,7 +154,7 @@ class ForkServers:
     def s3_client(self, env: dict[str, str]) -> Any:
         """One boto3 client for the in-process S3 stores of the session (creating one costs ~0.4 s)."""
         if "s3" not in self._clients:
-            from lsbert.store.s3 import _make_client
+            from lsbert.store.s3util import make_client as _make_client
 
             self._clients["s3"] = _make_client()
         return self._clients["s3"]

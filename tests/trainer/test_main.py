@@ -219,7 +219,7 @@ def test_an_existing_version_is_refused(tmp_path, capsys):
 
 
 def test_promotion_record_applies_the_gate():
-    from lsbert.trainer.main import promotion_record
+    from lsbert.trainer.evaluation import promotion_record
     from lsbert.trainer.promotion import decide
 
     serving = {"kind": "finetuned", "version": "m-0001"}

@@ -8,7 +8,7 @@ from (two writers cannot interleave: the later one gets 409 and recomputes).
 
 Completion is judged from the predictor Deployment (``<isvc>-predictor`` in KServe's Standard mode), never
 from the InferenceService's Ready condition, which stays True during a rolling update and whose
-observedGeneration is the Deployment's (shared/reference/kserve.md §12):
+observedGeneration is the Deployment's (KServe copies it from the Deployment's status):
 
 * ``metadata.generation == status.observedGeneration``;
 * ``updatedReplicas == replicas == availableReplicas`` (and == ``spec.replicas``);

@@ -233,21 +233,6 @@ def _load_data(args, settings: Settings, progress: Progress) -> tuple[list[Any],
     return tasks, config
 
 
-def promotion_record(
-    decision, no_promote: bool, serving_at_start: Optional[str], serving_now: Optional[str], serving: dict[str, Any]
-) -> dict[str, Any]:
-    """The ``promotion`` section of lsbert.json: the gate's decision (``eligible``) and what is done
-    (``promoted``): nothing with --no-promote, nor when another run promoted a version meanwhile (the
-    comparison was against a model that no longer serves)."""
-    promote, reason = decision.promoted, decision.reason
-    if promote and no_promote:
-        promote, reason = False, f"--no-promote (the gate would promote: {decision.reason})"
-    elif promote and serving_now != serving_at_start:
-        promote, reason = False, f"the promoted version changed during training ({serving_at_start} -> {serving_now})"
-    return {**decision.as_dict(), "promoted": promote, "eligible": decision.promoted, "reason": reason,
-            "serving": serving}
-
-
 def _reserve_version(args, settings: Settings, store: CheckpointStore) -> str:
     if not args.version:
         return store.next_version(args.project, settings.finetuned_model_name)
@@ -255,61 +240,6 @@ def _reserve_version(args, settings: Settings, store: CheckpointStore) -> str:
     if any(info.version == version for info in store.versions(args.project)):
         raise TrainingError(f"version {version} of project {args.project} already exists in {settings.model_dir}")
     return version
-
-
-@dataclass
-class Evaluation:
-    metrics: dict[str, Any]
-    serving_metrics: Optional[dict[str, Any]]
-    serving: dict[str, Any]  # {"kind", "version"[, "note"]} of the model compared with
-    seconds: float
-
-    @property
-    def score(self) -> Optional[float]:
-        return self.metrics.get("macro_f1")
-
-    @property
-    def serving_score(self) -> Optional[float]:
-        return self.serving_metrics["macro_f1"] if self.serving_metrics else None
-
-
-def _evaluate(ctx: dict[str, Any], model, tokenizer, validation, progress: Progress) -> Evaluation:
-    """The new model, then the serving one, on the same validation examples."""
-    from lsbert.model.decision import predicted_labels
-    from lsbert.trainer.loop import predict_proba
-    from lsbert.trainer.metrics import classification_metrics
-    from lsbert.trainer.promotion import evaluate_serving
-
-    started = time.perf_counter()
-    spec: ClassificationSpec = ctx["spec"]
-    if not validation:
-        return Evaluation({}, None, {"kind": None, "version": None}, 0.0)
-    proba = predict_proba(
-        model, tokenizer, [e.text for e in validation], spec.multi_label, ctx["runtime"], ctx["max_length"]
-    )
-    predicted = predicted_labels(proba, ctx["labels"], spec.multi_label, ctx["threshold"])
-    metrics = classification_metrics([e.labels for e in validation], predicted, spec.labels, spec.multi_label)
-    progress(
-        f"eval: new model accuracy {metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f} "
-        f"on {len(validation)} examples"
-    )
-    for label, row in metrics["per_label"].items():
-        progress(
-            f"eval:   {label}: precision {row['precision']:.3f} recall {row['recall']:.3f} "
-            f"f1 {row['f1']:.3f} support {row['support']}"
-        )
-    serving = evaluate_serving(
-        ctx["store"], ctx["project"], ctx["serving_version"], spec, validation, ctx["runtime"],
-        ctx["base_model"], ctx["max_length"], ctx["token"], threshold=ctx["threshold"],
-    )
-    described = {"kind": serving.kind.value, "version": serving.version}
-    if serving.note:
-        described["note"] = serving.note
-    progress(
-        f"eval: serving model ({serving.describe()}) accuracy {serving.metrics['accuracy']:.4f} "
-        f"macro-F1 {serving.metrics['macro_f1']:.4f}"
-    )
-    return Evaluation(metrics, serving.metrics, described, time.perf_counter() - started)
 
 
 def _publish(store: CheckpointStore, project: int, version: str, model, tokenizer, metadata: dict[str, Any],
@@ -349,6 +279,7 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     from lsbert.model.runtime import select_runtime
     from lsbert.trainer.dataset import build_examples, label_counts, split_examples
     from lsbert.trainer.loop import Hyperparameters, available_cores, fine_tune, load_for_training
+    from lsbert.trainer.evaluation import evaluate, promotion_record
     from lsbert.trainer.promotion import decide
 
     t0 = time.perf_counter()
@@ -419,7 +350,7 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     ctx = {"store": store, "project": project, "serving_version": serving_version, "spec": spec,
            "labels": start.labels, "runtime": runtime, "max_length": result.max_length,
            "base_model": base_model, "token": token, "threshold": settings.multi_label_threshold}
-    evaluation = _evaluate(ctx, model, tokenizer, validation, progress)
+    evaluation = evaluate(ctx, model, tokenizer, validation, progress)
     decision = decide(evaluation.score, evaluation.serving_score, settings.promotion_margin, len(validation))
     promotion = promotion_record(decision, args.no_promote, serving_version, store.promoted(project), evaluation.serving)
 

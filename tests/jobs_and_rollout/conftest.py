@@ -1,5 +1,6 @@
-"""Fixtures for the launcher / rollout tests on the real control plane (``control_plane``, one per test
-session, from the tests.k8s.plugin that tests/conftest.py loads)."""
+"""Training Jobs (the launcher, the Job template) and the restart rollout (KServe) against the Kubernetes
+control plane of tests/k8s (the Job template tests run offline). Fixtures: a namespace with the
+launcher's Role (this conftest), the control plane (tests.k8s.plugin, loaded by tests/conftest.py)."""
 
 from __future__ import annotations
 

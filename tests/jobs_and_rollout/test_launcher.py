@@ -1,6 +1,6 @@
 """KubernetesLauncher on the real control plane (tests/k8s): real API server with RBAC and admission, the real
 Job controller and scheduler, kwok playing the kubelet. The launcher always acts as a ServiceAccount bound to
-exactly the Role jobs/README.md documents (tests/kubernetes/conftest.py)."""
+exactly the Role jobs/README.md documents (tests/jobs_and_rollout/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from kubernetes.client.exceptions import ApiException
 from lsbert.launcher.base import RunPhase
 from lsbert.launcher.kubernetes import KubernetesLauncher, KubernetesLaunchError
 from lsbert.status import print_jobs
+from tests.support.polling import until, wait_until
 from tests.k8s.cluster import (
     ANNOTATION_DURATION,
     ANNOTATION_EXIT_CODE,
@@ -23,7 +24,6 @@ from tests.k8s.cluster import (
     CPU_NODE,
     GPU_NODE,
     LABEL_FAIL,
-    wait_until,
 )
 
 pytestmark = pytest.mark.k8s
@@ -267,14 +267,6 @@ def test_scheduler_start_training_job_success_on_finished_cycle(launcher_ns, tmp
         asyncio.run(scenario(sa))
     names = sorted(j.metadata.name for j in jobs(launcher_ns))
     assert names == ["lsbert-train-p4-0001", "lsbert-train-p4-0002", "lsbert-train-p9-0001", "lsbert-train-p9-0002"]
-
-
-async def until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 def test_job_body_round_trips_through_the_api_server(launcher_ns):

@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from lsbert.rollout import kserve
 from lsbert.rollout.kserve import ANNOTATION, RestartRollout, RolloutFailed, roll, rollout_finished
-from tests.k8s.cluster import wait_until
+from tests.support.polling import until, wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -236,11 +236,3 @@ def test_scheduler_with_restart_rollout_as_on_finished(kserve_ns, tmp_path):
         asyncio.run(scenario(sa))
 
 
-async def until(predicate, timeout=30.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
