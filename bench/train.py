@@ -242,9 +242,11 @@ def main(argv=None) -> int:
 
         result = measure_loop(annotations=500)
         loop = result["loop_seconds"]
-        print(f"# loop: {result['annotations']} annotations, Start Training -> new version served "
-              f"{result['new_version_seconds']:.1f}s -> held-out predictions stored {loop:.1f}s; "
-              f"held-out accuracy {result['held_out_accuracy']:.3f}")
+        print(
+            f"# loop: {result['annotations']} annotations, Start Training -> new version served "
+            f"{result['new_version_seconds']:.1f}s -> held-out predictions stored {loop:.1f}s; "
+            f"held-out accuracy {result['held_out_accuracy']:.3f}"
+        )
     print(f"train_speedup_vs_trainer={speedup:.2f}")
     if loop is not None:
         print(f"loop_seconds={loop:.1f}")

@@ -84,14 +84,21 @@ def build(settings: Settings) -> Predictor:
     store = open_store(settings.model_dir, settings.cache_dir)
     runtime = select_runtime(settings.precision, settings.torch_threads)
     registry = ModelRegistry(
-        store, runtime, settings.baseline_model_name, max_loaded=settings.max_loaded_models,
-        max_length=settings.max_length, batch_size=settings.predict_batch_size,
+        store,
+        runtime,
+        settings.baseline_model_name,
+        max_loaded=settings.max_loaded_models,
+        max_length=settings.max_length,
+        batch_size=settings.predict_batch_size,
         hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
     )
     api_key = settings.label_studio_api_key
     service = PredictorService(
-        registry, threshold=settings.multi_label_threshold, label_studio_url=settings.label_studio_url,
-        label_studio_api_key=api_key.get_secret_value() if api_key else None, cache_dir=Path(settings.cache_dir),
+        registry,
+        threshold=settings.multi_label_threshold,
+        label_studio_url=settings.label_studio_url,
+        label_studio_api_key=api_key.get_secret_value() if api_key else None,
+        cache_dir=Path(settings.cache_dir),
     )
     watcher = RolloutWatcher(registry, store, settings.rollout_poll_seconds)
     launcher = make_launcher(settings)
@@ -101,7 +108,9 @@ def build(settings: Settings) -> Predictor:
     scheduler = None
     if launcher is not None:
         scheduler = TrainingScheduler(
-            launcher, store, every_n_updates=settings.start_training_each_n_updates,
+            launcher,
+            store,
+            every_n_updates=settings.start_training_each_n_updates,
             version_name=settings.finetuned_model_name,
             on_finished=restart.on_run_finished if restart is not None else watcher.notify,
         )
@@ -110,8 +119,9 @@ def build(settings: Settings) -> Predictor:
     return Predictor(model, endpoints, scheduler, watcher, service, restart)
 
 
-async def _load_and_start(predictor: Predictor, settings: Settings, host: str, port: int,
-                          background: list[asyncio.Task[Any]]) -> None:
+async def _load_and_start(
+    predictor: Predictor, settings: Settings, host: str, port: int, background: list[asyncio.Task[Any]]
+) -> None:
     """Load the baseline off the event loop, then start rolling out and adopting training runs."""
     loop = asyncio.get_running_loop()
     try:
@@ -148,12 +158,20 @@ def serve(host: str = "127.0.0.1", port: int = 9090, settings: Optional[Settings
     predictor = build(settings)
     password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else None
     register_label_studio_routes(app, predictor.endpoints, BasicAuth(settings.basic_auth_user, password))
-    server = ModelServer(http_port=port, enable_grpc=False, workers=1, max_asyncio_workers=settings.threads,
-                         enable_docs_url=False)
+    server = ModelServer(
+        http_port=port, enable_grpc=False, workers=1, max_asyncio_workers=settings.threads, enable_docs_url=False
+    )
     logs.configure(settings.log_level, _secrets(settings))
     server.register_model(predictor.model)
-    rest = RESTServer("kserve.model_server:app", server.dataplane, server.model_repository_extension, port,
-                      workers=1, grace_period=server.grace_period, timeout_keep_alive=server.timeout_keep_alive)
+    rest = RESTServer(
+        "kserve.model_server:app",
+        server.dataplane,
+        server.model_repository_extension,
+        port,
+        workers=1,
+        grace_period=server.grace_period,
+        timeout_keep_alive=server.timeout_keep_alive,
+    )
     rest.config.host = host  # RESTServer always binds 0.0.0.0
 
     async def main() -> None:
@@ -171,8 +189,14 @@ def serve(host: str = "127.0.0.1", port: int = 9090, settings: Optional[Settings
                 await predictor.scheduler.close()
             predictor.service.close()
 
-    log.info("lsbert %s starting on %s:%d; baseline %s; checkpoints in %s", _version(), host, port,
-             settings.baseline_model_name, settings.model_dir)
+    log.info(
+        "lsbert %s starting on %s:%d; baseline %s; checkpoints in %s",
+        _version(),
+        host,
+        port,
+        settings.baseline_model_name,
+        settings.model_dir,
+    )
     asyncio.run(main())
     return 0
 

@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     threads: int = Field(8, ge=1, le=256)
     hf_token: Optional[SecretStr] = None
-    model_dir: str = Field("models", description="Checkpoint store: a directory (e.g. a mounted PVC) or s3://bucket/prefix.")
+    model_dir: str = Field(
+        "models", description="Checkpoint store: a directory (e.g. a mounted PVC) or s3://bucket/prefix."
+    )
 
     # --- lsbert additions -----------------------------------------------------------------------
     model_name: str = Field("lsbert", description="KServe model name (V1/V2 routes, readiness probe).")
@@ -118,7 +120,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _basic_auth_pair(self) -> "Settings":
+    def _basic_auth_pair(self) -> Settings:
         user, password = self.basic_auth_user, self.basic_auth_pass
         if bool(user) != bool(password and password.get_secret_value()):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")

@@ -11,7 +11,6 @@ from typing import Optional, TextIO
 
 from lsbert.kubeclient import REQUEST_TIMEOUT, api_message, load_api_client, resolve_namespace
 from lsbert.launcher.base import RunPhase
-from lsbert.settings import SettingsError
 from lsbert.launcher.jobspec import (
     APP_NAME,
     COMPONENT,
@@ -25,6 +24,7 @@ from lsbert.launcher.jobspec import (
     label_selector,
     timestamp,
 )
+from lsbert.settings import SettingsError
 
 
 def print_status(url: str, kubernetes: bool = False, namespace: Optional[str] = None) -> int:
@@ -81,9 +81,15 @@ def print_jobs(namespace: Optional[str] = None, *, api_client=None, out: Optiona
         ns = resolve_namespace(namespace)
         if api_client is None:
             api_client = load_api_client()
-        jobs = client.BatchV1Api(api_client).list_namespaced_job(
-            ns, label_selector=label_selector({LABEL_NAME: APP_NAME, LABEL_COMPONENT: COMPONENT}),
-            _request_timeout=REQUEST_TIMEOUT).items
+        jobs = (
+            client.BatchV1Api(api_client)
+            .list_namespaced_job(
+                ns,
+                label_selector=label_selector({LABEL_NAME: APP_NAME, LABEL_COMPONENT: COMPONENT}),
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+            .items
+        )
     except Exception as exc:
         why = str(exc) if isinstance(exc, SettingsError) else api_message(exc)
         print(f"training Jobs in namespace {ns}: cannot list them ({why})", file=sys.stderr)
@@ -105,8 +111,16 @@ def print_jobs(namespace: Optional[str] = None, *, api_client=None, out: Optiona
         meta = job.metadata
         assert meta is not None  # the API server always sends metadata
         labels = meta.labels or {}
-        rows.append((str(meta.name), labels.get(LABEL_PROJECT, "?"), job_version(job), phase.value,
-                     _age(now - (timestamp(meta.creation_timestamp) or now)), message))
+        rows.append(
+            (
+                str(meta.name),
+                labels.get(LABEL_PROJECT, "?"),
+                job_version(job),
+                phase.value,
+                _age(now - (timestamp(meta.creation_timestamp) or now)),
+                message,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     print(f"training Jobs in namespace {ns}:", file=out)
     for row in rows:

@@ -57,12 +57,14 @@ def test_queue_never_merges_different_models_and_cuts_large_requests():
         def run(texts):
             keys.append((key, len(texts)))
             return np.zeros((len(texts), 2), dtype=np.float32)
+
         return run
 
     async def scenario():
         queue = InferenceQueue(max_batch=CHUNK)
-        big, small = await asyncio.gather(queue.run("x", ["t"] * (CHUNK * 2 + 1), runner("x")),
-                                          queue.run("y", ["t"], runner("y")))
+        big, small = await asyncio.gather(
+            queue.run("x", ["t"] * (CHUNK * 2 + 1), runner("x")), queue.run("y", ["t"], runner("y"))
+        )
         queue.close()
         return big, small
 
@@ -99,8 +101,16 @@ def header(user: str, password: str) -> str:
 def test_basic_auth_accepts_exactly_the_configured_pair():
     auth = BasicAuth("ls", "s3cret:with-colon")
     assert auth.check(header("ls", "s3cret:with-colon"))
-    for bad in (None, "", "Bearer abc", header("ls", "wrong"), header("LS", "s3cret:with-colon"),
-                "Basic !!!not-base64!!!", header("ls", "s3cret:with-colo"), "Basic " + base64.b64encode(b"ls").decode()):
+    for bad in (
+        None,
+        "",
+        "Bearer abc",
+        header("ls", "wrong"),
+        header("LS", "s3cret:with-colon"),
+        "Basic !!!not-base64!!!",
+        header("ls", "s3cret:with-colo"),
+        "Basic " + base64.b64encode(b"ls").decode(),
+    ):
         assert not auth.check(bad), bad
 
 
@@ -139,8 +149,14 @@ def test_configured_secrets_and_credentials_never_reach_the_log(log_stream):
     logging.getLogger("uvicorn.error").error("bearer eyJhbGciOiJIUzI1NiJ9.payload.sig")
     text = buffer.getvalue()
     assert text.count("\n") == 5, text  # every record was written
-    for secret in ("s3cret-pass-value", "ls-api-token-12345", base64.b64encode(b"user:other-password").decode(),
-                   "abcdef123456", "hunter22", "eyJhbGciOiJIUzI1NiJ9"):
+    for secret in (
+        "s3cret-pass-value",
+        "ls-api-token-12345",
+        base64.b64encode(b"user:other-password").decode(),
+        "abcdef123456",
+        "hunter22",
+        "eyJhbGciOiJIUzI1NiJ9",
+    ):
         assert secret not in text, (secret, text)
     assert "***" in text and "connecting with password" in text
 

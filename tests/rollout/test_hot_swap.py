@@ -19,8 +19,9 @@ def test_swap_under_continuous_predict_load(server_factory, tmp_path):
     labels = ("Positive", "Negative")
     save_checkpoint(store, PROJECT, "ft-0001", labels, seed=1)
     store.promote(PROJECT, "ft-0001")
-    server = server_factory({"MODEL_DIR": str(store.root), "TRAINING_LAUNCHER": "none", "ROLLOUT_POLL_SECONDS": "0.5"},
-                            name="rollout")
+    server = server_factory(
+        {"MODEL_DIR": str(store.root), "TRAINING_LAUNCHER": "none", "ROLLOUT_POLL_SECONDS": "0.5"}, name="rollout"
+    )
     setup = {"project": BODY["project"], "schema": BODY["label_config"]}
     assert requests.post(server.url + "/setup", json=setup, timeout=5).json()["model_version"] == "ft-0001"
 
@@ -49,10 +50,17 @@ def test_swap_under_continuous_predict_load(server_factory, tmp_path):
     wait_until(lambda: all(len(s) >= 2 for s in seen) or errors, 60, "every worker answered twice by ft-0001")
     save_checkpoint(store, PROJECT, "ft-0002", labels, seed=2)
     store.promote(PROJECT, "ft-0002")
-    wait_until(lambda: requests.post(server.url + "/setup", json=setup, timeout=5).json()["model_version"] == "ft-0002",
-               60, "the predictor to serve ft-0002", interval=0.2)
-    wait_until(lambda: all(s[-2:] == ["ft-0002", "ft-0002"] for s in seen) or errors, 60,
-               "every worker answered twice by ft-0002")
+    wait_until(
+        lambda: requests.post(server.url + "/setup", json=setup, timeout=5).json()["model_version"] == "ft-0002",
+        60,
+        "the predictor to serve ft-0002",
+        interval=0.2,
+    )
+    wait_until(
+        lambda: all(s[-2:] == ["ft-0002", "ft-0002"] for s in seen) or errors,
+        60,
+        "every worker answered twice by ft-0002",
+    )
     stop.set()
     for t in threads:
         t.join()
@@ -68,7 +76,9 @@ def test_swap_under_continuous_predict_load(server_factory, tmp_path):
     metrics = requests.get(server.url + "/metrics", timeout=5).text
     assert "lsbert_model_swaps_total 1.0" in metrics
     serving = [line for line in metrics.splitlines() if line.startswith("lsbert_serving_model_info{")]
-    assert f'lsbert_serving_model_info{{kind="finetuned",project="{PROJECT}",version="ft-0001"}} 0.0' in serving, serving
+    assert f'lsbert_serving_model_info{{kind="finetuned",project="{PROJECT}",version="ft-0001"}} 0.0' in serving, (
+        serving
+    )
     assert f'lsbert_serving_model_info{{kind="finetuned",project="{PROJECT}",version="ft-0002"}} 1.0' in serving
     assert "swapped ft-0001 -> ft-0002" in server.log()
 
@@ -82,6 +92,7 @@ def test_predictors_sharing_a_store_converge(server_factory, tmp_path):
     setup = {"project": BODY["project"], "schema": BODY["label_config"]}
     save_checkpoint(store, PROJECT, "ft-0002", ("Positive", "Negative"), seed=4)
     store.promote(PROJECT, "ft-0002")
+
     def versions() -> list[str]:
         return [requests.post(s.url + "/setup", json=setup, timeout=5).json()["model_version"] for s in servers]
 

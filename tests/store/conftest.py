@@ -66,7 +66,9 @@ def start_moto(tmp_dir: Path, extra_env: Optional[dict[str, str]] = None) -> Mot
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}: {(tmp_dir / f'moto-{port}.log').read_text()}")
+            raise RuntimeError(
+                f"moto_server exited with {proc.returncode}: {(tmp_dir / f'moto-{port}.log').read_text()}"
+            )
         try:
             urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).read()
             break
@@ -181,7 +183,7 @@ class Backend:
     env: dict[str, str] = field(default_factory=dict)
     servers: Optional[ForkServers] = None
 
-    def at(self, suffix: str) -> "Backend":
+    def at(self, suffix: str) -> Backend:
         """Another, empty store location of the same kind."""
         return Backend(self.kind, f"{self.uri}-{suffix}", self.cache_dir / suffix, self.env, self.servers)
 
@@ -204,7 +206,10 @@ class Backend:
         spec = {"uri": self.uri, "cache_dir": str(self.cache_dir), "op": op, **args}
         env = dict(os.environ, **self.env)
         return subprocess.Popen(
-            [sys.executable, str(CHILD), json.dumps(spec)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, str(CHILD), json.dumps(spec)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
 

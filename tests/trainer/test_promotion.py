@@ -36,7 +36,11 @@ def test_float_noise_does_not_block_an_equal_score():
 
 def test_decision_as_dict():
     assert decide(0.5, 0.4, 0.1, 3).as_dict() == {
-        "promoted": True, "reason": decide(0.5, 0.4, 0.1, 3).reason, "score": 0.5, "serving_score": 0.4, "margin": 0.1,
+        "promoted": True,
+        "reason": decide(0.5, 0.4, 0.1, 3).reason,
+        "score": 0.5,
+        "serving_score": 0.4,
+        "margin": 0.1,
     }
 
 

@@ -93,8 +93,15 @@ def label_selector(labels: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------------------ JOB_VALUES
 
 
-_MAPS = ("resources", "nodeSelector", "affinity", "podLabels", "podAnnotations", "securityContext",
-         "podSecurityContext")
+_MAPS = (
+    "resources",
+    "nodeSelector",
+    "affinity",
+    "podLabels",
+    "podAnnotations",
+    "securityContext",
+    "podSecurityContext",
+)
 _LISTS = ("imagePullSecrets", "tolerations", "env", "envFrom", "volumes", "volumeMounts")
 _INTS = {"backoffLimit": 0, "activeDeadlineSeconds": 1, "ttlSecondsAfterFinished": 0}  # key -> minimum
 _STRS = ("image", "imagePullPolicy", "serviceAccountName")
@@ -190,7 +197,8 @@ def load_job_values(path: Optional[str]) -> dict[str, Any]:
     if not path:
         raise SettingsError(
             "TRAINING_LAUNCHER=kubernetes needs JOB_VALUES: a YAML file with at least `image` "
-            "(the Helm chart mounts it from a ConfigMap; see jobs/README.md)")
+            "(the Helm chart mounts it from a ConfigMap; see jobs/README.md)"
+        )
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
@@ -228,7 +236,6 @@ def parse_template(text: str, source: str) -> dict[str, Any]:
     return doc
 
 
-
 # ------------------------------------------------------------------------------------------ rendering
 
 
@@ -242,8 +249,10 @@ def _substitute(node: Any, params: dict[str, str], where: str = "") -> Any:
         try:
             return string.Template(node).substitute(params)
         except KeyError as exc:
-            raise LaunchError(f"Job template: unknown placeholder ${{{exc.args[0]}}} at {where.lstrip('.')}; "
-                              f"known: {', '.join(sorted(params))}") from None
+            raise LaunchError(
+                f"Job template: unknown placeholder ${{{exc.args[0]}}} at {where.lstrip('.')}; "
+                f"known: {', '.join(sorted(params))}"
+            ) from None
         except ValueError as exc:
             raise LaunchError(f"Job template: bad placeholder at {where.lstrip('.')}: {exc}") from None
     return node
@@ -254,12 +263,27 @@ def _merge_env(base: list[dict], extra: list[dict]) -> list[dict]:
     return [item for item in base if item.get("name") not in names] + list(extra)
 
 
-def render_job(template: dict[str, Any], values: dict[str, Any], *, release: str, namespace: str, project: int,
-               version: str, args: Iterable[str] = ()) -> dict[str, Any]:
+def render_job(
+    template: dict[str, Any],
+    values: dict[str, Any],
+    *,
+    release: str,
+    namespace: str,
+    project: int,
+    version: str,
+    args: Iterable[str] = (),
+) -> dict[str, Any]:
     """The Job body (a plain dict, camelCase like the YAML) for one run."""
     name = job_name(release, project, version)
-    params = {"name": name, "namespace": namespace, "release": release, "project": str(int(project)),
-              "version": version, "versionLabel": label_value(version), "image": values["image"]}
+    params = {
+        "name": name,
+        "namespace": namespace,
+        "release": release,
+        "project": str(int(project)),
+        "version": version,
+        "versionLabel": label_value(version),
+        "image": values["image"],
+    }
     job = _substitute(copy.deepcopy(template), params)
     labels = {**selection_labels(release, project), LABEL_VERSION: label_value(version)}
 
@@ -279,8 +303,11 @@ def render_job(template: dict[str, Any], values: dict[str, Any], *, release: str
     pod_meta = pod_template.get("metadata") or {}
     pod_template["metadata"] = pod_meta
     pod_meta["labels"] = {**(pod_meta.get("labels") or {}), **values.get("podLabels", {}), **labels}
-    pod_meta["annotations"] = {**(pod_meta.get("annotations") or {}), **values.get("podAnnotations", {}),
-                               ANNOTATION_VERSION: version}
+    pod_meta["annotations"] = {
+        **(pod_meta.get("annotations") or {}),
+        **values.get("podAnnotations", {}),
+        ANNOTATION_VERSION: version,
+    }
 
     pod = pod_template.setdefault("spec", {})
     pod["restartPolicy"] = "Never"
@@ -361,8 +388,10 @@ def to_v1_job(body: dict[str, Any]):
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        raise LaunchError(f"invalid training Job: {where}: {first.get('msg')} "
-                          f"(got {first.get('input')!r}; {exc.error_count()} error(s))") from None
+        raise LaunchError(
+            f"invalid training Job: {where}: {first.get('msg')} "
+            f"(got {first.get('input')!r}; {exc.error_count()} error(s))"
+        ) from None
     dropped = _dropped_fields(body, _serializer().sanitize_for_serialization(job))
     if dropped:
         raise LaunchError(f"invalid training Job: unknown field(s) {', '.join(dropped[:10])}")
@@ -430,4 +459,3 @@ def last_line(text: Optional[str]) -> str:
     """The last non-empty line of ``text``, at most 500 characters."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""
-

@@ -86,7 +86,9 @@ class SequenceClassifier:
         config = model.config
         self.labels: tuple[str, ...] = tuple(config.id2label[i] for i in range(config.num_labels))
         self.multi_label = config.problem_type == MULTI_LABEL
-        self.encoder = BatchedEncoder(tokenizer, model, runtime, truncation_length(tokenizer, config, max_length), batch_size)
+        self.encoder = BatchedEncoder(
+            tokenizer, model, runtime, truncation_length(tokenizer, config, max_length), batch_size
+        )
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         return predict_proba(self.encoder, texts, self.multi_label)

@@ -57,8 +57,12 @@ class LsbertModel(Model):
         self.ready = True
         return self.ready
 
-    async def predict(self, payload: Union[Dict, InferRequest], headers: Optional[Dict[str, str]] = None,
-                      response_headers: Optional[Dict[str, str]] = None) -> Union[Dict, InferResponse]:
+    async def predict(
+        self,
+        payload: Union[Dict, InferRequest],
+        headers: Optional[Dict[str, str]] = None,
+        response_headers: Optional[Dict[str, str]] = None,
+    ) -> Union[Dict, InferResponse]:
         if isinstance(payload, InferRequest):
             if not payload.inputs:
                 raise InvalidInput("the request has no inputs")
@@ -91,8 +95,12 @@ class LsbertModel(Model):
             n, width = len(texts), len(classified.labels)
             outputs = [
                 InferOutput("label", [n], "BYTES", [c[0] if c else "" for c in chosen]),
-                InferOutput("probabilities", [n, width], "FP32",
-                            np.asarray(classified.probabilities, dtype=np.float32).reshape(n, width).flatten().tolist()),
+                InferOutput(
+                    "probabilities",
+                    [n, width],
+                    "FP32",
+                    np.asarray(classified.probabilities, dtype=np.float32).reshape(n, width).flatten().tolist(),
+                ),
             ]
             return InferResponse(
                 response_id=payload.id or str(uuid.uuid4()),

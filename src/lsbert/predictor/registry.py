@@ -50,8 +50,17 @@ class Served:
 
 
 class ModelRegistry:
-    def __init__(self, store: CheckpointStore, runtime: Runtime, baseline_name: str, *, max_loaded: int = 4,
-                 max_length: int = 0, batch_size: int = 64, hf_token: Optional[str] = None):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        runtime: Runtime,
+        baseline_name: str,
+        *,
+        max_loaded: int = 4,
+        max_length: int = 0,
+        batch_size: int = 64,
+        hf_token: Optional[str] = None,
+    ):
         self.store = store
         self.runtime = runtime
         self.baseline_name = baseline_name
@@ -60,7 +69,7 @@ class ModelRegistry:
         self.batch_size = batch_size
         self.hf_token = hf_token
         self.zero_shot: Optional[ZeroShotClassifier] = None
-        self._loaded: "OrderedDict[int, Served]" = OrderedDict()
+        self._loaded: OrderedDict[int, Served] = OrderedDict()
         self._pointers: dict[int, Optional[str]] = {}
         self._specs: dict[int, ClassificationSpec] = {}
         self._lock = threading.Lock()
@@ -71,7 +80,9 @@ class ModelRegistry:
     # --- start-up ---------------------------------------------------------------------------------
     def load_baseline(self) -> None:
         """Blocking: load and warm up the baseline encoder (readiness waits for this)."""
-        self.zero_shot = ZeroShotClassifier(self.baseline_name, self.runtime, self.max_length, self.batch_size, self.hf_token)
+        self.zero_shot = ZeroShotClassifier(
+            self.baseline_name, self.runtime, self.max_length, self.batch_size, self.hf_token
+        )
         self.zero_shot.warm_up()
         log.info("baseline %s loaded on %s (%s)", self.baseline_name, self.runtime.device, self.runtime.precision)
 
@@ -119,7 +130,11 @@ class ModelRegistry:
         for project in self.known_projects():
             spec = self._specs.get(project)
             loaded = self.loaded(project)
-            summary[str(project)] = self.version_for(project, spec) if spec else (loaded.version if loaded else self.pointer(project) or "-")
+            summary[str(project)] = (
+                self.version_for(project, spec)
+                if spec
+                else (loaded.version if loaded else self.pointer(project) or "-")
+            )
         return summary
 
     # --- serving ------------------------------------------------------------------------------------

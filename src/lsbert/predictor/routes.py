@@ -135,13 +135,15 @@ class LabelStudioEndpoints:
             entries = []
             for info in reversed(self.store.versions(pid)):
                 names.append(info.version)
-                entries.append({
-                    "version": info.version,
-                    "promoted": info.version == promoted,
-                    "created_at": info.metadata.get("created_at"),
-                    "metrics": info.metrics,
-                    "promotion": info.metadata.get("promotion"),
-                })
+                entries.append(
+                    {
+                        "version": info.version,
+                        "promoted": info.version == promoted,
+                        "created_at": info.metadata.get("created_at"),
+                        "metrics": info.metrics,
+                        "promotion": info.metadata.get("promotion"),
+                    }
+                )
             details[str(pid)] = {"promoted": promoted, "versions": entries}
         return {"versions": names, "projects": details}
 

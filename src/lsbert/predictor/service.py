@@ -54,9 +54,17 @@ def parse_project_id(value: Any) -> int:
 
 
 class PredictorService:
-    def __init__(self, registry: ModelRegistry, *, threshold: float = 0.5, label_studio_url: Optional[str] = None,
-                 label_studio_api_key: Optional[str] = None, cache_dir: Path = Path(".lsbert-cache"),
-                 max_batch: int = 256, default_project: Optional[int] = None):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        threshold: float = 0.5,
+        label_studio_url: Optional[str] = None,
+        label_studio_api_key: Optional[str] = None,
+        cache_dir: Path = Path(".lsbert-cache"),
+        max_batch: int = 256,
+        default_project: Optional[int] = None,
+    ):
         self.registry = registry
         self.threshold = threshold
         self.queue = InferenceQueue(max_batch=max_batch)
@@ -120,8 +128,12 @@ class PredictorService:
             if text is not None and spec.text_is_url:
                 try:
                     text = await asyncio.to_thread(
-                        fetch_text, text, task_id=task.get("id"), hostname=self.label_studio_url,
-                        api_key=self.label_studio_api_key, cache_dir=self.cache_dir / "task-data",
+                        fetch_text,
+                        text,
+                        task_id=task.get("id"),
+                        hostname=self.label_studio_url,
+                        api_key=self.label_studio_api_key,
+                        cache_dir=self.cache_dir / "task-data",
                     )
                 except TextSourceError as exc:
                     text, reason = None, str(exc)
@@ -130,7 +142,9 @@ class PredictorService:
             texts.append(text)
         return texts
 
-    async def predict_tasks(self, project: int, spec: ClassificationSpec, tasks: Sequence[Any]) -> tuple[str, list[dict]]:
+    async def predict_tasks(
+        self, project: int, spec: ClassificationSpec, tasks: Sequence[Any]
+    ) -> tuple[str, list[dict]]:
         """Label Studio /predict: exactly one result per task, in order; bad tasks get an empty result."""
         started = time.perf_counter()
         texts = await self._texts_of(tasks, spec)
@@ -140,15 +154,29 @@ class PredictorService:
         results = [to_label_studio(by_index.get(i), spec, classified.version) for i in range(len(tasks))]
         metrics.TASKS_PREDICTED.labels("ok").inc(len(good))
         metrics.TASKS_PREDICTED.labels("empty").inc(len(tasks) - len(good))
-        log.info("project %s: predicted %d tasks (%d empty) with %s in %.3fs", project, len(tasks),
-                 len(tasks) - len(good), classified.version, time.perf_counter() - started)
+        log.info(
+            "project %s: predicted %d tasks (%d empty) with %s in %.3fs",
+            project,
+            len(tasks),
+            len(tasks) - len(good),
+            classified.version,
+            time.perf_counter() - started,
+        )
         return classified.version, results
 
-    async def classify_texts(self, texts: Sequence[str], *, project: Optional[int] = None,
-                             labels: Optional[Sequence[str]] = None, multi_label: bool = False) -> Classified:
+    async def classify_texts(
+        self,
+        texts: Sequence[str],
+        *,
+        project: Optional[int] = None,
+        labels: Optional[Sequence[str]] = None,
+        multi_label: bool = False,
+    ) -> Classified:
         """KServe V1/V2: plain texts for a project's model, or zero-shot over the given labels."""
         if labels:
-            spec = ClassificationSpec("label", "text", "text", tuple(dict.fromkeys(str(x) for x in labels)), bool(multi_label))
+            spec = ClassificationSpec(
+                "label", "text", "text", tuple(dict.fromkeys(str(x) for x in labels)), bool(multi_label)
+            )
             return await self._classify(None, spec, texts)
         if project is None:
             project = self.default_project

@@ -57,8 +57,13 @@ class RolloutWatcher:
             try:
                 await self.registry.ensure_loaded(project, version)
             except Exception as exc:
-                log.error("project %s: cannot roll to %s: %s; still serving %s", project, version, exc,
-                          loaded.version if loaded else "the zero-shot baseline")
+                log.error(
+                    "project %s: cannot roll to %s: %s; still serving %s",
+                    project,
+                    version,
+                    exc,
+                    loaded.version if loaded else "the zero-shot baseline",
+                )
         return version
 
     async def check_all(self, preload: bool = False) -> None:

@@ -208,7 +208,7 @@ class CheckpointStore(ABC):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise ValueError(f"keep must be a non-negative int, got {keep!r}")
         ordered = sorted(versions, key=lambda v: (version_seq(v.version) or 0, v.version))
-        kept = {v.version for v in ordered[max(0, len(ordered) - keep):]} if keep else set()
+        kept = {v.version for v in ordered[max(0, len(ordered) - keep) :]} if keep else set()
         return [v.version for v in ordered if v.version not in kept and v.version != promoted]
 
     @staticmethod

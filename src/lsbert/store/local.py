@@ -38,11 +38,11 @@ from lsbert.store.base import (
     check_version,
     format_version,
     metadata_bytes,
+    newest_mtime,
     parse_pointer,
     pointer_bytes,
     source_files,
     utc_now,
-    newest_mtime,
     version_seq,
 )
 
@@ -88,7 +88,7 @@ def _write_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -107,11 +107,11 @@ def _copy_file(src: Path, dst: Path) -> int:
 def _hidden_seq(name: str) -> Optional[int]:
     """Sequence number held by a hidden entry: a reservation, a staging dir or a dir being deleted."""
     if name.startswith(RESERVED_PREFIX):
-        tail = name[len(RESERVED_PREFIX):]
+        tail = name[len(RESERVED_PREFIX) :]
         return int(tail) if tail.isdigit() else None
     for prefix in (STAGING_PREFIX, DELETING_PREFIX):
         if name.startswith(prefix):
-            version = name[len(prefix):].rsplit("-", 1)[0]
+            version = name[len(prefix) :].rsplit("-", 1)[0]
             return version_seq(version)
     return None
 

@@ -37,14 +37,6 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from lsbert.store.s3cache import S3LocalCache
-from lsbert.store.s3util import (
-    DENIED,
-    NO_CONDITIONAL,
-    error_code,
-    make_client,
-    redact_url,
-)
 from lsbert.store.base import (
     METADATA_FILE,
     POINTER_FILE,
@@ -67,10 +59,17 @@ from lsbert.store.base import (
     utc_now,
     version_seq,
 )
+from lsbert.store.s3cache import S3LocalCache
+from lsbert.store.s3util import (
+    DENIED,
+    NO_CONDITIONAL,
+    error_code,
+    make_client,
+    redact_url,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
 
 
 class S3Store(S3LocalCache, CheckpointStore):
@@ -109,7 +108,7 @@ class S3Store(S3LocalCache, CheckpointStore):
     def _secrets(self) -> list[str]:
         values = [os.environ.get(n) for n in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")]
         with contextlib.suppress(Exception):
-            creds = self._client._request_signer._credentials  # noqa: SLF001 (scrubbing only)
+            creds = self._client._request_signer._credentials
             if creds is not None:
                 frozen = creds.get_frozen_credentials()
                 values += [frozen.secret_key, frozen.token, frozen.access_key]
@@ -185,14 +184,14 @@ class S3Store(S3LocalCache, CheckpointStore):
                 Bucket=self.bucket, Prefix=prefix, Delimiter="/"
             )
             for page in pages:
-                out.extend(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", []))
+                out.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "listing", prefix) from exc
         return out
 
     def _delete_keys(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
-            batch = keys[i:i + 1000]
+            batch = keys[i : i + 1000]
             resp = self._call(
                 "deleting",
                 batch[0],
@@ -257,7 +256,7 @@ class S3Store(S3LocalCache, CheckpointStore):
             keys = {o["Key"] for o in self._list(base + name + "/")}
             pp = base + name + "/"
             if pp + POINTER_FILE in keys or any(
-                k.endswith("/" + METADATA_FILE) and VERSION_RE.match(k[len(pp):].split("/")[0] or "") for k in keys
+                k.endswith("/" + METADATA_FILE) and VERSION_RE.match(k[len(pp) :].split("/")[0] or "") for k in keys
             ):
                 out.append(int(name))
         return sorted(out)
@@ -266,7 +265,7 @@ class S3Store(S3LocalCache, CheckpointStore):
         pp = self._project_prefix(project)
         out = []
         for obj in objects:
-            rel = obj["Key"][len(pp):]
+            rel = obj["Key"][len(pp) :]
             version, _, rest = rel.partition("/")
             if rest == METADATA_FILE and VERSION_RE.match(version):
                 out.append(version)
@@ -304,14 +303,14 @@ class S3Store(S3LocalCache, CheckpointStore):
         pp = self._project_prefix(project)
         used = reserved = 0
         for obj in objects:
-            rel = obj["Key"][len(pp):]
+            rel = obj["Key"][len(pp) :]
             head, sep, _ = rel.partition("/")
             if sep:
                 seq = version_seq(head)
                 if seq is not None:
                     used = max(used, seq)
-            elif head.startswith(RESERVED_PREFIX) and head[len(RESERVED_PREFIX):].isdigit():
-                reserved = max(reserved, int(head[len(RESERVED_PREFIX):]))
+            elif head.startswith(RESERVED_PREFIX) and head[len(RESERVED_PREFIX) :].isdigit():
+                reserved = max(reserved, int(head[len(RESERVED_PREFIX) :]))
         return used, reserved
 
     def _reservation(self, project: int, seq: int, version: str) -> tuple[str, bytes]:
@@ -355,7 +354,7 @@ class S3Store(S3LocalCache, CheckpointStore):
                 Config=self._transfer,
             )
             self._fault(f"save:file:{rel}")
-        listed = {o["Key"][len(vp):]: o for o in self._list(vp)}
+        listed = {o["Key"][len(vp) :]: o for o in self._list(vp)}
         manifest: dict[str, dict[str, Any]] = {}
         for rel, path in files:
             obj = listed.get(rel)
@@ -380,8 +379,11 @@ class S3Store(S3LocalCache, CheckpointStore):
         except StoreError:
             previous = None  # a broken pointer is exactly what promote() repairs
         self._fault("promote:before-pointer")
-        self._put(self._project_prefix(project) + POINTER_FILE, pointer_bytes(version, previous),
-                  ContentType="application/json")
+        self._put(
+            self._project_prefix(project) + POINTER_FILE,
+            pointer_bytes(version, previous),
+            ContentType="application/json",
+        )
         self._fault("promote:after-pointer")
 
     def update_metadata(self, project: int, version: str, updates: dict[str, Any]) -> None:
@@ -409,8 +411,7 @@ class S3Store(S3LocalCache, CheckpointStore):
             body = metadata_bytes(self._merge_metadata(current, updates))
             extra: dict[str, Any] = {"IfMatch": etag} if etag and self._conditional_put is not False else {}
             try:
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json",
-                                        **extra)
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", **extra)
                 return
             except ClientError as exc:
                 code, status = error_code(exc)
@@ -440,17 +441,18 @@ class S3Store(S3LocalCache, CheckpointStore):
         by_version: dict[str, list[dict[str, Any]]] = {}
         reservations: list[tuple[int, str]] = []
         for obj in objects:
-            head, sep, _ = obj["Key"][len(pp):].partition("/")
+            head, sep, _ = obj["Key"][len(pp) :].partition("/")
             if sep and VERSION_RE.match(head):
                 by_version.setdefault(head, []).append(obj)
-            elif not sep and head.startswith(RESERVED_PREFIX) and head[len(RESERVED_PREFIX):].isdigit():
-                reservations.append((int(head[len(RESERVED_PREFIX):]), obj["Key"]))
+            elif not sep and head.startswith(RESERVED_PREFIX) and head[len(RESERVED_PREFIX) :].isdigit():
+                reservations.append((int(head[len(RESERVED_PREFIX) :]), obj["Key"]))
         deleted = []
         for version in doomed:
             vp = pp + version + "/"
             # lsbert.json first: the version stops being complete in one step, then the rest goes.
-            self._call("deleting", vp + METADATA_FILE, self._client.delete_object,
-                       Bucket=self.bucket, Key=vp + METADATA_FILE)
+            self._call(
+                "deleting", vp + METADATA_FILE, self._client.delete_object, Bucket=self.bucket, Key=vp + METADATA_FILE
+            )
             self._delete_keys([o["Key"] for o in self._list(vp)])
             deleted.append(version)
             shutil.rmtree(self._cache_path(project, version), ignore_errors=True)

@@ -101,7 +101,7 @@ class S3LocalCache:
         return doc if isinstance(doc, dict) else None
 
     def _download(self, vp: str, remote: dict[str, Any], tmp: Path) -> None:
-        listed = {o["Key"][len(vp):]: o for o in self._list(vp)}
+        listed = {o["Key"][len(vp) :]: o for o in self._list(vp)}
         manifest = (remote.get(STORE_KEY) or {}).get("files")
         if not isinstance(manifest, dict):  # a version written by something else: take every object
             manifest = {rel: {"size": o.get("Size")} for rel, o in listed.items() if rel != METADATA_FILE}
@@ -119,8 +119,15 @@ class S3LocalCache:
                 raise StoreError(f"checkpoint object {self._loc(vp + rel)} does not match its {METADATA_FILE}")
             dst = tmp.joinpath(*rel.split("/"))
             dst.parent.mkdir(parents=True, exist_ok=True)
-            self._call("downloading", vp + rel, self._client.download_file,
-                       Bucket=self.bucket, Key=vp + rel, Filename=str(dst), Config=self._transfer)
+            self._call(
+                "downloading",
+                vp + rel,
+                self._client.download_file,
+                Bucket=self.bucket,
+                Key=vp + rel,
+                Filename=str(dst),
+                Config=self._transfer,
+            )
             if want.get("size") is not None and dst.stat().st_size != want["size"]:
                 raise StoreError(f"download of {self._loc(vp + rel)} is truncated")
             self._fault(f"download:file:{rel}")

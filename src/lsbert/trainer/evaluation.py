@@ -31,8 +31,9 @@ class Evaluation:
         return self.serving_metrics["macro_f1"] if self.serving_metrics else None
 
 
-def evaluate(ctx: dict[str, Any], model: Any, tokenizer: Any, validation: Sequence[Example],
-             progress: Callable[[str], None]) -> Evaluation:
+def evaluate(
+    ctx: dict[str, Any], model: Any, tokenizer: Any, validation: Sequence[Example], progress: Callable[[str], None]
+) -> Evaluation:
     """The new model, then the serving one, on the same validation examples."""
     started = time.perf_counter()
     spec: ClassificationSpec = ctx["spec"]
@@ -53,8 +54,16 @@ def evaluate(ctx: dict[str, Any], model: Any, tokenizer: Any, validation: Sequen
             f"f1 {row['f1']:.3f} support {row['support']}"
         )
     serving = evaluate_serving(
-        ctx["store"], ctx["project"], ctx["serving_version"], spec, validation, ctx["runtime"],
-        ctx["base_model"], ctx["max_length"], ctx["token"], threshold=ctx["threshold"],
+        ctx["store"],
+        ctx["project"],
+        ctx["serving_version"],
+        spec,
+        validation,
+        ctx["runtime"],
+        ctx["base_model"],
+        ctx["max_length"],
+        ctx["token"],
+        threshold=ctx["threshold"],
     )
     described = {"kind": serving.kind.value, "version": serving.version}
     if serving.note:
@@ -67,7 +76,11 @@ def evaluate(ctx: dict[str, Any], model: Any, tokenizer: Any, validation: Sequen
 
 
 def promotion_record(
-    decision: PromotionDecision, no_promote: bool, serving_at_start: Optional[str], serving_now: Optional[str], serving: dict[str, Any]
+    decision: PromotionDecision,
+    no_promote: bool,
+    serving_at_start: Optional[str],
+    serving_now: Optional[str],
+    serving: dict[str, Any],
 ) -> dict[str, Any]:
     """The ``promotion`` section of lsbert.json: the gate's decision (``eligible``) and what is done
     (``promoted``): nothing with --no-promote, nor when another run promoted a version meanwhile (the
@@ -77,5 +90,10 @@ def promotion_record(
         promote, reason = False, f"--no-promote (the gate would promote: {decision.reason})"
     elif promote and serving_now != serving_at_start:
         promote, reason = False, f"the promoted version changed during training ({serving_at_start} -> {serving_now})"
-    return {**decision.as_dict(), "promoted": promote, "eligible": decision.promoted, "reason": reason,
-            "serving": serving}
+    return {
+        **decision.as_dict(),
+        "promoted": promote,
+        "eligible": decision.promoted,
+        "reason": reason,
+        "serving": serving,
+    }

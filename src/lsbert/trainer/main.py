@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="PRECISION")
     over.add_argument("--threads", type=int, help="TORCH_THREADS (0 = every core the container may use)")
     over.add_argument(
-        "--train-embeddings", action="store_true",
+        "--train-embeddings",
+        action="store_true",
         help="also fine-tune the input word embeddings (slower; frozen by default, see trainer/loop.py)",
     )
     parser.add_argument(
@@ -242,8 +243,16 @@ def _reserve_version(args, settings: Settings, store: CheckpointStore) -> str:
     return version
 
 
-def _publish(store: CheckpointStore, project: int, version: str, model, tokenizer, metadata: dict[str, Any],
-             keep: int, progress: Progress) -> None:
+def _publish(
+    store: CheckpointStore,
+    project: int,
+    version: str,
+    model,
+    tokenizer,
+    metadata: dict[str, Any],
+    keep: int,
+    progress: Progress,
+) -> None:
     """Save the version (lsbert.json last), then move the pointer if promoted, then prune."""
     promotion = metadata["promotion"]
     with tempfile.TemporaryDirectory(prefix=f"lsbert-train-{project}-") as tmp:
@@ -275,11 +284,11 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     """One training run; returns the version's metadata. Raises on failure (the pointer untouched)."""
     import torch
 
-    from lsbert.modelsource import resolve
     from lsbert.model.runtime import select_runtime
+    from lsbert.modelsource import resolve
     from lsbert.trainer.dataset import build_examples, label_counts, split_examples
-    from lsbert.trainer.loop import Hyperparameters, available_cores, fine_tune, load_for_training
     from lsbert.trainer.evaluation import evaluate, promotion_record
+    from lsbert.trainer.loop import Hyperparameters, available_cores, fine_tune, load_for_training
     from lsbert.trainer.promotion import decide
 
     t0 = time.perf_counter()
@@ -294,14 +303,14 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     examples, report = build_examples(tasks, spec)
     download_s = time.perf_counter() - t0
     progress(
-        f"data: {report.tasks} tasks -> {report.examples} examples for <Choices name=\"{spec.from_name}\"> on "
+        f'data: {report.tasks} tasks -> {report.examples} examples for <Choices name="{spec.from_name}"> on '
         f"${spec.data_key} ({'multi' if spec.multi_label else 'single'}-label, {len(spec.labels)} labels)"
     )
     progress(f"data: label counts: {_counts(report.label_counts)}")
     progress(f"data: skipped tasks: {_counts(report.skipped)}")
     if not examples:
         raise NoTrainingData(
-            f"project {project} has no usable annotated tasks for <Choices name=\"{spec.from_name}\"> "
+            f'project {project} has no usable annotated tasks for <Choices name="{spec.from_name}"> '
             f"(skipped: {_counts(report.skipped)})"
         )
     train, validation = split_examples(examples, settings.validation_fraction, settings.seed)
@@ -347,12 +356,23 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     )
 
     # --- evaluate and decide ------------------------------------------------------------------------
-    ctx = {"store": store, "project": project, "serving_version": serving_version, "spec": spec,
-           "labels": start.labels, "runtime": runtime, "max_length": result.max_length,
-           "base_model": base_model, "token": token, "threshold": settings.multi_label_threshold}
+    ctx = {
+        "store": store,
+        "project": project,
+        "serving_version": serving_version,
+        "spec": spec,
+        "labels": start.labels,
+        "runtime": runtime,
+        "max_length": result.max_length,
+        "base_model": base_model,
+        "token": token,
+        "threshold": settings.multi_label_threshold,
+    }
     evaluation = evaluate(ctx, model, tokenizer, validation, progress)
     decision = decide(evaluation.score, evaluation.serving_score, settings.promotion_margin, len(validation))
-    promotion = promotion_record(decision, args.no_promote, serving_version, store.promoted(project), evaluation.serving)
+    promotion = promotion_record(
+        decision, args.no_promote, serving_version, store.promoted(project), evaluation.serving
+    )
 
     metadata = {
         "format": METADATA_FORMAT,
@@ -437,7 +457,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:
         log.debug("training run failed", exc_info=True)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        kind = "" if isinstance(exc, (TrainingError, LabelConfigError)) or _is_data_error(exc) else f"{type(exc).__name__}: "
+        kind = (
+            ""
+            if isinstance(exc, (TrainingError, LabelConfigError)) or _is_data_error(exc)
+            else f"{type(exc).__name__}: "
+        )
         print(f"lsbert train: error: {kind}{message or type(exc).__name__}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     return EXIT_OK

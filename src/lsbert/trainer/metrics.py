@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Collection, Optional, Sequence
 
 
-
 def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den else 0.0
 
@@ -119,6 +118,4 @@ def classification_metrics(
     """Metrics for label tuples (one per example): multi-label metrics, or single-label on the first label."""
     if multi_label:
         return multi_label_metrics(y_true, y_pred, labels)
-    return single_label_metrics(
-        [t[0] for t in y_true], [p[0] if p else None for p in y_pred], labels
-    )
+    return single_label_metrics([t[0] for t in y_true], [p[0] if p else None for p in y_pred], labels)

@@ -58,18 +58,22 @@ def decide(
     if score + 1e-9 >= serving_score - margin:
         relation = "above" if score > serving_score else "at least" if score >= serving_score else "within margin of"
         return PromotionDecision(
-            True, f"{SCORE} {score:.4f} {relation} serving {serving_score:.4f} (margin {margin:g})",
-            score, serving_score, margin,
+            True,
+            f"{SCORE} {score:.4f} {relation} serving {serving_score:.4f} (margin {margin:g})",
+            score,
+            serving_score,
+            margin,
         )
     return PromotionDecision(
-        False, f"{SCORE} {score:.4f} below serving {serving_score:.4f} - margin {margin:g}",
-        score, serving_score, margin,
+        False,
+        f"{SCORE} {score:.4f} below serving {serving_score:.4f} - margin {margin:g}",
+        score,
+        serving_score,
+        margin,
     )
 
 
-def restrict_proba(
-    proba: np.ndarray, model_labels: Sequence[str], labels: Sequence[str]
-) -> np.ndarray:
+def restrict_proba(proba: np.ndarray, model_labels: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     """Columns of ``proba`` (over ``model_labels``) re-ordered to ``labels``; a current label the model
     does not know gets probability 0, a model label the config dropped is left out."""
     proba = np.asarray(proba, dtype=np.float32)
@@ -112,7 +116,11 @@ class ServingEvaluation:
 
 
 def _score_finetuned(
-    path: Any, runtime: Runtime, spec: ClassificationSpec, validation: Sequence[Example], max_length: int,
+    path: Any,
+    runtime: Runtime,
+    spec: ClassificationSpec,
+    validation: Sequence[Example],
+    max_length: int,
     threshold: float,
 ) -> list[tuple[str, ...]]:
     classifier = SequenceClassifier(path, runtime, max_length=max_length)
@@ -125,8 +133,13 @@ def _score_finetuned(
 
 
 def _score_zeroshot(
-    name: str, runtime: Runtime, spec: ClassificationSpec, validation: Sequence[Example], max_length: int,
-    token: Optional[str], threshold: float,
+    name: str,
+    runtime: Runtime,
+    spec: ClassificationSpec,
+    validation: Sequence[Example],
+    max_length: int,
+    token: Optional[str],
+    threshold: float,
 ) -> list[tuple[str, ...]]:
     classifier = ZeroShotClassifier(name, runtime, max_length=max_length, token=token)
     try:
@@ -162,7 +175,9 @@ def evaluate_serving(
             path = store.local_path(project, serving_version)
             predicted = _score_finetuned(path, runtime, spec, validation, max_length, threshold)
             return ServingEvaluation(
-                ModelKind.FINETUNED, serving_version, classification_metrics(truth, predicted, spec.labels, spec.multi_label)
+                ModelKind.FINETUNED,
+                serving_version,
+                classification_metrics(truth, predicted, spec.labels, spec.multi_label),
             )
         except (StoreError, OSError, ValueError, KeyError) as exc:
             note = f"promoted version {serving_version} could not be evaluated ({type(exc).__name__}: {exc})"
