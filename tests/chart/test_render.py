@@ -18,7 +18,6 @@ from tests.chart.helm import (
     FULLNAME,
     NAMESPACE,
     RELEASE,
-    REPO_ROOT,
     Manifest,
     b64,
     render,
@@ -87,6 +86,13 @@ GPU = {
 RULES = {
     "jobs": {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "delete", "get", "list", "watch"]},
     "pods": {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
+    "events": {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list"]},
+    "owner": {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": [f"{FULLNAME}-job-values"],
+        "verbs": ["get"],
+    },
     "isvc": {
         "apiGroups": ["serving.kserve.io"],
         "resources": ["inferenceservices"],
@@ -107,7 +113,7 @@ class Case:
     values: dict[str, Any] = field(default_factory=dict)
     kserve_api: bool = False  # helm template --api-versions serving.kserve.io/v1beta1
     isvc: bool = False  # expected: an InferenceService (else a Deployment + Service)
-    rules: tuple[str, ...] = ("jobs", "pods")  # expected Role rules (empty: no Role at all)
+    rules: tuple[str, ...] = ("jobs", "pods", "events", "owner")  # expected Role rules (empty: no Role at all)
 
     def manifest(self) -> Manifest:
         return render(self.values, kserve_api=self.kserve_api)
@@ -115,46 +121,41 @@ class Case:
 
 CASES: dict[str, Case] = {
     "defaults-auto-no-kserve": Case(),
-    "auto-with-kserve-api": Case(kserve_api=True, isvc=True, rules=("jobs", "pods", "isvc")),
-    "kserve-true-without-api": Case({"kserve": {"enabled": True}}, isvc=True, rules=("jobs", "pods", "isvc")),
+    "auto-with-kserve-api": Case(kserve_api=True, isvc=True),
+    "kserve-true-without-api": Case({"kserve": {"enabled": True}}, isvc=True),
     "kserve-false-with-api": Case({"kserve": {"enabled": False}}, kserve_api=True),
     "kserve-string-false": Case({"kserve": {"enabled": "false"}}, kserve_api=True),
     "pvc-existing-claim-isvc": Case(
-        {"storage": {"pvc": {"existingClaim": "shared-ckpts"}}},
-        kserve_api=True,
-        isvc=True,
-        rules=("jobs", "pods", "isvc"),
+        {"storage": {"pvc": {"existingClaim": "shared-ckpts"}}}, kserve_api=True, isvc=True
     ),
     "pvc-rwo-no-class": Case(
         {"storage": {"pvc": {"accessModes": ["ReadWriteOnce"], "storageClassName": "-", "keep": False}}}
     ),
-    "s3-inline-secrets-isvc": Case(INLINE_SECRETS, kserve_api=True, isvc=True, rules=("jobs", "pods", "isvc")),
+    "s3-inline-secrets-isvc": Case(INLINE_SECRETS, kserve_api=True, isvc=True),
     "s3-inline-secrets-plain": Case(INLINE_SECRETS),
     "s3-pod-identity": Case(
         {"storage": S3, "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:x"}}},
         kserve_api=True,
         isvc=True,
-        rules=("jobs", "pods", "isvc"),
     ),
-    "existing-secrets-isvc": Case(EXISTING_SECRETS, kserve_api=True, isvc=True, rules=("jobs", "pods", "isvc")),
+    "existing-secrets-isvc": Case(EXISTING_SECRETS, kserve_api=True, isvc=True),
     "existing-secrets-plain": Case(EXISTING_SECRETS),
     "basic-auth-generated": Case({"basicAuth": {"enabled": True}}),
-    "gpu-isvc": Case(GPU, kserve_api=True, isvc=True, rules=("jobs", "pods", "isvc")),
+    "gpu-isvc": Case(GPU, kserve_api=True, isvc=True),
     "gpu-plain": Case(GPU),
-    "gpu-trainer": Case(
-        {"trainer": {"gpu": {"enabled": True, "count": 2}}}, kserve_api=True, isvc=True, rules=("jobs", "pods", "isvc")
-    ),
-    "gpu-recreate": Case(
-        {**GPU, "deploymentStrategy": {"type": "Recreate"}}, kserve_api=True, isvc=True, rules=("jobs", "pods", "isvc")
-    ),
+    "gpu-trainer": Case({"trainer": {"gpu": {"enabled": True, "count": 2}}}, kserve_api=True, isvc=True),
+    "gpu-recreate": Case({**GPU, "deploymentStrategy": {"type": "Recreate"}}, kserve_api=True, isvc=True),
     "rollout-restart": Case(
-        {"rollout": {"strategy": "restart"}}, kserve_api=True, isvc=True, rules=("jobs", "pods", "isvc", "deployments")
+        {"rollout": {"strategy": "restart"}},
+        kserve_api=True,
+        isvc=True,
+        rules=("jobs", "pods", "events", "owner", "isvc", "deployments"),
     ),
     "rollout-restart-gpu-s3": Case(
         {**GPU, **INLINE_SECRETS, "rollout": {"strategy": "restart"}},
         kserve_api=True,
         isvc=True,
-        rules=("jobs", "pods", "isvc", "deployments"),
+        rules=("jobs", "pods", "events", "owner", "isvc", "deployments"),
     ),
     "rollout-restart-local-launcher": Case(
         {"rollout": {"strategy": "restart"}, "trainer": {"launcher": "local"}},
@@ -166,10 +167,7 @@ CASES: dict[str, Case] = {
     "launcher-none-isvc": Case({"trainer": {"launcher": "none"}}, kserve_api=True, isvc=True, rules=()),
     "autoscaling-plain": Case({"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}}),
     "autoscaling-isvc": Case(
-        {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}},
-        kserve_api=True,
-        isvc=True,
-        rules=("jobs", "pods", "isvc"),
+        {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}}, kserve_api=True, isvc=True
     ),
     "custom-names": Case(
         {
@@ -630,6 +628,9 @@ JOB_VALUE_KEYS = {
     "ttlSecondsAfterFinished",
     "securityContext",
     "podSecurityContext",
+    "jobLabels",
+    "jobAnnotations",
+    "podFailurePolicy",
 }
 
 
@@ -641,7 +642,9 @@ def test_launcher_contract(name: str) -> None:
     assert env["TRAINING_LAUNCHER"]["value"] == "kubernetes"
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["RELEASE_NAME"]["value"] == FULLNAME
-    assert env["JOB_TEMPLATE"]["value"] == "/opt/lsbert/jobs/training-job.yaml"
+    assert "JOB_TEMPLATE" not in env, "the template ships in the lsbert package"
+    assert env["JOB_OWNER_CONFIGMAP"]["value"] == f"{FULLNAME}-job-values"
+    assert env["TRAINING_PENDING_TIMEOUT"]["value"] == "900"
     assert env["JOB_VALUES"]["value"] == "/etc/lsbert/job/values.yaml"
     assert env["ROLLOUT_STRATEGY"]["value"] == case.values.get("rollout", {}).get("strategy", "hot")
     if case.isvc:
@@ -661,7 +664,7 @@ def test_launcher_contract(name: str) -> None:
     assert values["podLabels"]["app.kubernetes.io/component"] == "trainer"
     assert {"configMapRef": {"name": f"{FULLNAME}-settings"}} in values["envFrom"]
     assert (values["backoffLimit"], values["activeDeadlineSeconds"], values["ttlSecondsAfterFinished"]) == (
-        0,
+        2,
         21600,
         86400,
     )
@@ -673,14 +676,20 @@ def test_launcher_contract(name: str) -> None:
 @pytest.mark.parametrize("case", [c for c in cases() if "launcher" not in c.id])
 def test_job_values_fit_the_real_launcher(case: Case) -> None:
     """The chart's JOB_VALUES through the predictor's own launcher code and the Job template it bakes in:
-    parsed (unknown keys are errors), merged into jobs/training-job.yaml, round-tripped through the client
+    parsed (unknown keys are errors), merged into the packaged Job template, round-tripped through the client
     models (unknown fields are errors), and the result is a valid, locked-down Job."""
-    launcher = pytest.importorskip("lsbert.launcher.kubernetes")
+    launcher = pytest.importorskip("lsbert.launcher.jobspec")
     m = case.manifest()
-    template = launcher.load_template(str(REPO_ROOT / "jobs" / "training-job.yaml"))
+    template = launcher.load_template()
     values = launcher.parse_job_values(m.job_values())
     job = launcher.render_job(
-        template, values, release=FULLNAME, namespace=NAMESPACE, project=3, version="finetuned_model-0004"
+        template,
+        values,
+        release=FULLNAME,
+        namespace=NAMESPACE,
+        project=3,
+        version="finetuned_model-0004",
+        owner=launcher.owner_reference("ConfigMap", f"{FULLNAME}-job-values", "u-1"),
     )
     launcher.to_v1_job(job)
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)

@@ -13,7 +13,7 @@ import pytest
 # The launcher's Role: exactly what KubernetesLauncher + the restart rollout need (jobs/README.md).
 LAUNCHER_RULES = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
-    {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["pods", "pods/log", "events"], "verbs": ["get", "list"]},
     {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "patch"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
 ]

@@ -112,15 +112,27 @@ def test_default_job_shape():
         "app.kubernetes.io/name": "lsbert",
         "app.kubernetes.io/component": "trainer",
         "app.kubernetes.io/instance": "lsbert",
+        "lsbert.io/release": "lsbert",
         "lsbert.io/project": "3",
         "lsbert.io/version": "ft-0004",
     }
     assert want.items() <= meta["labels"].items()
     assert want.items() <= spec["template"]["metadata"]["labels"].items()
-    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (1, 21600, 86400)
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (2, 21600, 86400)
+    # Disruptions (preemption, drain) are retried without counting; the trainer's own failure is final.
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "NotIn", "values": [0]},
+    }
+    assert spec["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert "ownerReferences" not in meta
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # uid, gid and fsGroup come from the image or the values, so a platform that assigns them can leave them out
+    assert not {"runAsUser", "runAsGroup", "fsGroup"} & pod["securityContext"].keys()
     (container,) = pod["containers"]
     assert container["command"] == ["lsbert", "train"]
     assert container["args"] == ["--project", "3", "--version", "ft-0004", "--epochs", "2"]
@@ -203,7 +215,62 @@ def test_bad_values_are_named(raw, message):
 def test_nulls_mean_unset():
     values = jobspec.parse_job_values({"image": "i", "resources": None, "tolerations": None, "backoffLimit": None})
     assert values == {"image": "i"}
-    assert render(values)["spec"]["backoffLimit"] == 1
+    assert render(values)["spec"]["backoffLimit"] == 2
+
+
+def test_job_level_values_priority_and_failure_policy(kubernetes_validate):
+    policy = {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+    job = render(
+        {
+            "image": "i",
+            "jobLabels": {
+                "kueue.x-k8s.io/queue-name": "gpu",
+                "app.kubernetes.io/instance": "rel",
+                "lsbert.io/release": "someone-else",
+            },
+            "jobAnnotations": {"team": "ml"},
+            "priorityClassName": "training-low",
+            "podFailurePolicy": policy,
+            "podLabels": {"app.kubernetes.io/instance": "rel", "lsbert.io/project": "99"},
+        }
+    )
+    meta, spec = job["metadata"], job["spec"]
+    assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    assert meta["annotations"]["team"] == "ml" and meta["annotations"]["lsbert.io/version"] == "ft-0004"
+    assert spec["podFailurePolicy"] == policy
+    assert spec["template"]["spec"]["priorityClassName"] == "training-low"
+    # The installer's instance label is kept; the selection labels always win.
+    for labels in (meta["labels"], spec["template"]["metadata"]["labels"]):
+        assert labels["app.kubernetes.io/instance"] == "rel"
+        assert labels["lsbert.io/release"] == "lsbert" and labels["lsbert.io/project"] == "3"
+    kubernetes_validate.validate(jobspec.to_v1_job(job).to_dict() and job, "1.36.0", strict=True)
+    assert "podFailurePolicy" not in render({"image": "i", "podFailurePolicy": {}})["spec"]
+
+
+def test_owner_reference_is_set_when_given():
+    owner = jobspec.owner_reference("ConfigMap", "rel-lsbert-job-values", "uid-1")
+    job = jobspec.render_job(
+        jobspec.load_template(),
+        jobspec.parse_job_values({"image": "i"}),
+        release="lsbert",
+        namespace="ml",
+        project=3,
+        version="ft-0004",
+        owner=owner,
+    )
+    assert job["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "rel-lsbert-job-values", "uid": "uid-1"}
+    ]
+    jobspec.to_v1_job(job)
+
+
+def test_selection_is_by_lsbert_release_label():
+    assert jobspec.selection_labels("rel-lsbert", 4) == {
+        "lsbert.io/release": "rel-lsbert",
+        "app.kubernetes.io/name": "lsbert",
+        "app.kubernetes.io/component": "trainer",
+        "lsbert.io/project": "4",
+    }
 
 
 def test_wrong_types_and_typos_deep_in_values_fail_before_the_api_server():

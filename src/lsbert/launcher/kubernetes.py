@@ -38,6 +38,7 @@ from lsbert.launcher.jobspec import (
     last_line,
     load_job_values,
     load_template,
+    owner_reference,
     parse_job_values,
     render_job,
     selection_labels,
@@ -45,6 +46,7 @@ from lsbert.launcher.jobspec import (
     to_v1_job,
     valid_label_value,
 )
+from lsbert.launcher.pending import diagnose, timed_out
 from lsbert.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class KubernetesLauncher(Launcher):
         template: Optional[dict] = None,
         release: str = "lsbert",
         owns_client: bool = False,
+        pending_timeout: float = 0.0,
+        owner_configmap: Optional[str] = None,
     ):
         from kubernetes import client
 
@@ -83,6 +87,9 @@ class KubernetesLauncher(Launcher):
         self.template = template if template is not None else load_template()
         self.values = parse_job_values(values)
         self._owns_client = owns_client
+        self.pending_timeout = float(pending_timeout or 0)
+        self.owner_configmap = owner_configmap or None
+        self._owner: Optional[dict[str, Any]] = None
         self._batch = client.BatchV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
         to_v1_job(self.render(0, "check-0001", []))  # a bad template or values file fails at start
@@ -97,7 +104,14 @@ class KubernetesLauncher(Launcher):
         namespace = resolve_namespace(settings.pod_namespace)
         try:
             launcher = cls(
-                api_client, namespace, values=values, template=template, release=settings.release_name, owns_client=True
+                api_client,
+                namespace,
+                values=values,
+                template=template,
+                release=settings.release_name,
+                owns_client=True,
+                pending_timeout=settings.training_pending_timeout,
+                owner_configmap=settings.job_owner_configmap,
             )
         except LaunchError as exc:
             raise SettingsError(f"JOB_TEMPLATE/JOB_VALUES: {exc}") from None
@@ -110,7 +124,9 @@ class KubernetesLauncher(Launcher):
         return launcher
 
     # --- rendering ---------------------------------------------------------------------------------
-    def render(self, project: int, version: str, args: Iterable[str] = ()) -> dict[str, Any]:
+    def render(
+        self, project: int, version: str, args: Iterable[str] = (), owner: Optional[dict[str, Any]] = None
+    ) -> dict[str, Any]:
         return render_job(
             self.template,
             self.values,
@@ -119,7 +135,33 @@ class KubernetesLauncher(Launcher):
             project=project,
             version=version,
             args=args,
+            owner=owner,
         )
+
+    def owner(self) -> Optional[dict[str, Any]]:
+        """The ownerReference of new Jobs: the JOB_OWNER_CONFIGMAP ConfigMap (the chart's job-values), so that
+        deleting it (``helm uninstall``) deletes every training Job and its pods. Looked up once; a lookup
+        that fails is logged and retried at the next launch, and the Job is created without an owner."""
+        if self.owner_configmap is None or self._owner is not None:
+            return self._owner
+        try:
+            cm = self._core.read_namespaced_config_map(
+                self.owner_configmap, self.namespace, _request_timeout=REQUEST_TIMEOUT
+            )
+        except Exception as exc:
+            log.warning(
+                "cannot read ConfigMap %s/%s, the owner of training Jobs (%s): this Job will survive "
+                "the predictor's uninstall",
+                self.namespace,
+                self.owner_configmap,
+                api_message(exc),
+            )
+            return None
+        meta = cm.metadata
+        if meta is None or not meta.name or not meta.uid:  # an API server always sets both
+            return None
+        self._owner = owner_reference("ConfigMap", meta.name, meta.uid)
+        return self._owner
 
     def job_name(self, project: int, version: str) -> str:
         return job_name(self.release, project, version)
@@ -206,7 +248,7 @@ class KubernetesLauncher(Launcher):
             return self._adopt(active[0])
         from kubernetes.client.exceptions import ApiException
 
-        body = to_v1_job(self.render(project, version, args))
+        body = to_v1_job(self.render(project, version, args, owner=self.owner()))
         name = body.metadata.name
         try:
             job = self._batch.create_namespaced_job(
@@ -345,8 +387,24 @@ class KubernetesLauncher(Launcher):
             cond = condition(job, "Failed")
             run.finished_at = timestamp(cond.last_transition_time) or time.time()
             run.message = self._failure_message(job, cond)
+        elif phase is RunPhase.PENDING:
+            run.message = self._pending_message(job)
+            if self._pending_too_long(job):
+                log.error(
+                    "project %s: Job %s did not start within %ss (%s); deleting it",
+                    run.project,
+                    job.metadata.name,
+                    int(self.pending_timeout),
+                    run.message or "no reason given",
+                )
+                try:
+                    self._delete(job.metadata.name)
+                except Exception as exc:  # the run is failed either way; a later poll finds no active Job
+                    log.warning("project %s: cannot delete Job %s: %s", run.project, job.metadata.name, exc)
+                run.phase, run.finished_at = RunPhase.FAILED, time.time()
+                run.message = timed_out(run.message, self.pending_timeout)
         else:
-            run.message = self._pending_message(job) if phase is RunPhase.PENDING else ""
+            run.message = ""
 
     def _pods(self, job_name_: str) -> list:
         for label in JOB_NAME_POD_LABELS:
@@ -393,17 +451,31 @@ class KubernetesLauncher(Launcher):
         return last_line(text if isinstance(text, str) else "")
 
     def _pending_message(self, job) -> str:
-        """Why a Job has no running pod yet: unschedulable, image pull, missing Secret, ..."""
-        for pod in reversed(self._pods(job.metadata.name)):
-            status = pod.status
-            if status is None:
-                continue
-            for cond in status.conditions or []:
-                if cond.type == "PodScheduled" and cond.status == "False":
-                    return f"{cond.reason or 'Unschedulable'}: {cond.message or ''}".strip()[:MESSAGE_LIMIT]
-            for cstatus in status.container_statuses or []:
-                waiting = cstatus.state.waiting if cstatus.state else None
-                if waiting is not None and waiting.reason not in (None, "ContainerCreating", "PodInitializing"):
-                    return f"{waiting.reason}: {waiting.message or ''}".strip()[:MESSAGE_LIMIT]
-            break
-        return ""
+        """Why a Job has no running pod yet (see ``lsbert.launcher.pending`` for the reasons)."""
+        pods = self._pods(job.metadata.name)
+        job_events = [] if pods else self._events("Job", job.metadata.name)
+        pod_events = self._events("Pod", pods[-1].metadata.name) if pods else []
+        return diagnose(job, pods, job_events, pod_events)
+
+    def _events(self, kind: str, name: str) -> list:
+        """Events about one object; [] without the events permission (the reason is then less precise)."""
+        try:
+            return self._core.list_namespaced_event(
+                self.namespace,
+                field_selector=f"involvedObject.kind={kind},involvedObject.name={name}",
+                _request_timeout=REQUEST_TIMEOUT,
+            ).items
+        except Exception as exc:
+            log.debug("cannot list the events of %s %s: %s", kind, name, exc)
+            return []
+
+    def _pending_too_long(self, job, now: Optional[float] = None) -> bool:
+        """Pending longer than TRAINING_PENDING_TIMEOUT since it was created or last resumed (a suspended
+        Job waits in a queue and is never timed out)."""
+        if not self.pending_timeout or (job.spec is not None and job.spec.suspend):
+            return False
+        status = job.status
+        since = (timestamp(status.start_time) if status is not None else None) or timestamp(
+            job.metadata.creation_timestamp
+        )
+        return since is not None and (now or time.time()) - since > self.pending_timeout

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification
 
+from lsbert import cuda
 from lsbert.model import ModelKind
 from lsbert.model.decision import MULTI_LABEL, probabilities
 from lsbert.model.runtime import Runtime, release_memory
@@ -35,7 +36,8 @@ class BatchedEncoder:
         self.model = model
         self.runtime = runtime
         self.max_length = max_length
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # CPU; on CUDA batches are cut by token_budget alone
+        self.token_budget = cuda.TOKEN_BUDGET if cuda.is_cuda(runtime.device) else TOKEN_BUDGET
         self._lock = threading.Lock()  # one forward pass at a time per model
 
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -44,7 +46,7 @@ class BatchedEncoder:
         current: list[int] = []
         for index in order:
             longest = lengths[current[0]] if current else lengths[index]
-            if current and (len(current) >= self.batch_size or longest * (len(current) + 1) > TOKEN_BUDGET):
+            if current and (len(current) >= self.batch_size or longest * (len(current) + 1) > self.token_budget):
                 batches.append(current)
                 current = []
             current.append(index)
@@ -56,7 +58,10 @@ class BatchedEncoder:
         """Return ``forward``'s per-text output rows, in the order of ``texts``."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
-        encoded = self.tokenizer(clip(texts, self.max_length), truncation=True, max_length=self.max_length)
+        clipped = clip(texts, self.max_length)
+        if cuda.is_cuda(self.runtime.device):
+            return self._run_cuda(clipped, forward)
+        encoded = self.tokenizer(clipped, truncation=True, max_length=self.max_length)
         ids = encoded["input_ids"]
         lengths = [len(x) for x in ids]
         out: Optional[np.ndarray] = None
@@ -73,6 +78,38 @@ class BatchedEncoder:
         assert out is not None  # texts is not empty, so there was at least one batch
         return out
 
+    def _run_cuda(self, texts: list[str], forward: Callable[[dict], torch.Tensor]) -> np.ndarray:
+        def tokenize(chunk: Sequence[str]) -> list[list[int]]:
+            encoded = self.tokenizer(
+                list(chunk),
+                truncation=True,
+                max_length=self.max_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+            return encoded["input_ids"]
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        with self._lock, torch.inference_mode():
+            return cuda.run_pipelined(
+                tokenize,
+                texts,
+                forward,
+                self.runtime.device,
+                self.runtime.autocast_dtype,
+                pad_id,
+                left_padding=getattr(self.tokenizer, "padding_side", "right") == "left",
+                token_budget=self.token_budget,
+            )
+
+
+def _serving(model, runtime: Runtime):
+    """``model`` on the runtime's device in eval mode; on CUDA also in the serving dtype (and compiled if asked)."""
+    model = model.to(runtime.device).eval()
+    if cuda.is_cuda(runtime.device):
+        model = cuda.prepare_for_serving(model, runtime.autocast_dtype, runtime.compile)
+    return model
+
 
 class SequenceClassifier:
     """A fine-tuned checkpoint: labels from its config, softmax or sigmoid from its problem type."""
@@ -82,7 +119,7 @@ class SequenceClassifier:
     def __init__(self, path: str | Path, runtime: Runtime, max_length: int = 0, batch_size: int = 64):
         source = str(path)
         tokenizer = load_tokenizer(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source).to(runtime.device).eval()
+        model = _serving(AutoModelForSequenceClassification.from_pretrained(source), runtime)
         config = model.config
         self.labels: tuple[str, ...] = tuple(config.id2label[i] for i in range(config.num_labels))
         self.multi_label = config.problem_type == MULTI_LABEL
@@ -117,7 +154,7 @@ class ZeroShotClassifier:
     ):
         source = resolve(name)
         tokenizer = load_tokenizer(source, token)
-        model = AutoModel.from_pretrained(source, token=token).to(runtime.device).eval()
+        model = _serving(AutoModel.from_pretrained(source, token=token), runtime)
         self.name = name
         length = truncation_length(tokenizer, model.config, max_length)
         self.encoder = BatchedEncoder(tokenizer, model, runtime, length, batch_size)
@@ -126,8 +163,11 @@ class ZeroShotClassifier:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         def forward(batch: dict) -> torch.Tensor:
             hidden = self.encoder.model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            if batch.get("attention_mask") is None:  # CUDA batches without padding carry no mask
+                pooled = hidden.mean(1)
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             return torch.nn.functional.normalize(pooled, dim=-1)
 
         return self.encoder.run(texts, forward)

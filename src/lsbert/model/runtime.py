@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import torch
 
+from lsbert import cuda
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -15,6 +17,7 @@ class Runtime:
 
     device: torch.device
     autocast_dtype: Optional[torch.dtype]  # None = plain fp32
+    compile: bool = False  # torch.compile served models (CUDA only)
 
     @property
     def precision(self) -> str:
@@ -34,13 +37,21 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def select_runtime(precision: Any = "auto", threads: int = 0) -> Runtime:
-    """``precision`` is ``auto``, ``fp32``, ``bf16`` or ``fp16`` (or the settings' enum of them); ``auto`` is
+def select_runtime(
+    precision: Any = "auto", threads: int = 0, device: Optional[str] = None, torch_compile: bool = False
+) -> Runtime:
+    """The GPU if there is one (or ``device``), and the fastest precision it does natively.
+
+    ``precision`` is ``auto``, ``fp32``, ``bf16`` or ``fp16`` (or the settings' enum of them); ``auto`` is
     bf16 where the hardware has it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), fp16 on other GPUs,
-    fp32 elsewhere. ``threads`` > 0 sets torch's intra-op threads."""
+    fp32 elsewhere. ``threads`` > 0 sets torch's intra-op threads. ``torch_compile`` compiles served models,
+    on CUDA only."""
     if threads:
         torch.set_num_threads(threads)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device is not None:
+        target = torch.device(device)
+    else:
+        target = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     precision = precision.value if hasattr(precision, "value") else precision
     dtype: Optional[torch.dtype]
     if precision == "fp32":
@@ -49,11 +60,11 @@ def select_runtime(precision: Any = "auto", threads: int = 0) -> Runtime:
         dtype = torch.bfloat16
     elif precision == "fp16":
         dtype = torch.float16
-    elif device.type == "cuda":
+    elif target.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dtype = torch.bfloat16 if cpu_supports_bf16() else None
-    return Runtime(device=device, autocast_dtype=dtype)
+    return Runtime(device=target, autocast_dtype=dtype, compile=torch_compile and cuda.is_cuda(target))
 
 
 def release_memory() -> None:

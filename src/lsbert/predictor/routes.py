@@ -130,6 +130,7 @@ class LabelStudioEndpoints:
             projects = sorted(set(projects) | set(self.store.projects()))
         details: dict[str, Any] = {}
         names: list[str] = []
+        training = self.scheduler.status() if self.scheduler else {}
         for pid in projects:
             promoted = self.store.promoted(pid)
             entries = []
@@ -145,6 +146,9 @@ class LabelStudioEndpoints:
                     }
                 )
             details[str(pid)] = {"promoted": promoted, "versions": entries}
+            if training.get(str(pid)):
+                # the active or last run, with why it is pending or failed (as /health has it)
+                details[str(pid)]["training"] = training[str(pid)]
         return {"versions": names, "projects": details}
 
 

@@ -20,9 +20,10 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
-from lsbert.labelconfig import ClassificationSpec
+if TYPE_CHECKING:  # annotations only: the training loop imports Example without the XML parser
+    from lsbert.labelconfig import ClassificationSpec
 
 CHOICES_TYPE = "choices"
 

@@ -9,6 +9,11 @@ Where the time goes on a CPU (and why this beats Trainer's defaults; figures in 
   does it natively (AMX / AVX512-BF16, CUDA); weights and optimizer state stay fp32;
 * fused AdamW, and every core the container may use;
 * the input word embeddings stay frozen unless asked otherwise (``Hyperparameters.train_embeddings``).
+
+On CUDA (``lsbert.cuda``) the step never waits for the device: batches are padded into pinned memory and
+copied without blocking, a batch without padding goes without an attention mask, and the loss is summed on
+the device and read only for progress lines, so the host prepares the next batches while the GPU works.
+No ``torch.compile`` here: at lsbert's data sizes compiling would take longer than the whole fine-tune.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
+from lsbert import cuda
 from lsbert.model.decision import MULTI_LABEL
 from lsbert.model.engine import BatchedEncoder
 from lsbert.model.engine import predict_proba as encoder_predict_proba
@@ -254,6 +260,9 @@ def fine_tune(
     # fp16 (GPUs without bf16) needs loss scaling, or small gradients flush to zero; bf16 does not.
     scaler = torch.amp.GradScaler(device.type) if runtime.autocast_dtype == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
+    on_cuda = cuda.is_cuda(device)
+    if on_cuda:
+        cuda.prefer_sdpa(model)
 
     progress(
         f"training: {len(train)} examples, {epochs} epoch(s), {total_steps} steps of {hp.batch_size}, "
@@ -261,17 +270,27 @@ def fine_tune(
         f"{runtime.precision} on {device.type} with {torch.get_num_threads()} threads"
     )
     step = samples = 0
-    window_loss = window_n = 0.0
-    epoch_loss = epoch_n = 0.0
+    # Summed losses: device tensors on CUDA (read only when printed), floats elsewhere.
+    window_loss: float | torch.Tensor = 0.0
+    epoch_loss: float | torch.Tensor = 0.0
+    window_n = epoch_n = 0.0
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         epoch_loss = epoch_n = 0.0
         for batch in length_grouped_batches(lengths, hp.batch_size, rng):
             if step >= total_steps:
                 break
-            input_ids, mask = pad_batch([ids[i] for i in batch], pad_id)
-            input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            target = targets[batch].to(device, non_blocking=True)
+            if on_cuda:
+                rows = [ids[i] for i in batch]
+                left = getattr(tokenizer, "padding_side", "right") == "left"
+                input_ids, mask = cuda.pad_rows(rows, pad_id, max(map(len, rows)), left, pin=device.type == "cuda")
+                input_ids = input_ids.to(device, non_blocking=True)
+                mask = None if mask is None else mask.to(device, non_blocking=True)
+                target = cuda.to_device(targets[batch], device)
+            else:
+                input_ids, mask = pad_batch([ids[i] for i in batch], pad_id)
+                input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+                target = targets[batch].to(device, non_blocking=True)
             with runtime.autocast():
                 logits = model(input_ids=input_ids, attention_mask=mask).logits
             logits = logits.float()
@@ -296,24 +315,27 @@ def fine_tune(
 
             step += 1
             samples += len(batch)
-            batch_loss = loss.item() * len(batch)
+            # On CUDA a device tensor: reading it here would make the host wait for this step.
+            batch_loss = loss.detach() * len(batch) if on_cuda else loss.item() * len(batch)
             window_loss += batch_loss
             window_n += len(batch)
             epoch_loss += batch_loss
             epoch_n += len(batch)
             in_epoch = (step - 1) % steps_per_epoch + 1
             if step == 1 or in_epoch % every == 0 or in_epoch == steps_per_epoch or step == total_steps:
+                mean_loss = float(window_loss) / window_n  # on CUDA: waits for the step, so the rate is true
                 elapsed = time.perf_counter() - start
                 rate = samples / elapsed if elapsed > 0 else 0.0
                 eta = (total_steps - step) * (elapsed / step)
                 progress(
-                    f"epoch {epoch}/{epochs} step {step}/{total_steps} loss {window_loss / window_n:.4f} "
+                    f"epoch {epoch}/{epochs} step {step}/{total_steps} loss {mean_loss:.4f} "
                     f"lr {scheduler.get_last_lr()[0]:.2e} samples/s {rate:.1f} eta {_format_eta(eta)}"
                 )
                 window_loss = window_n = 0.0
+    cuda.synchronize(device)
     seconds = time.perf_counter() - start
     model.eval()
-    final_loss = epoch_loss / epoch_n if epoch_n else float("nan")
+    final_loss = float(epoch_loss) / epoch_n if epoch_n else float("nan")
     return TrainResult(steps=step, samples=samples, seconds=seconds, final_loss=final_loss, max_length=max_length)
 
 

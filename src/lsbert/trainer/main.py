@@ -243,6 +243,17 @@ def _reserve_version(args, settings: Settings, store: CheckpointStore) -> str:
     return version
 
 
+def staging_root(cache_dir: str) -> Path:
+    """Where ``save_pretrained`` writes before the store takes the files: under CACHE_DIR, never /tmp.
+
+    A model is as large as its weights (0.7 GB for BERT-base, several GB for large baselines); in a pod /tmp
+    is a small emptyDir and a large save there gets the trainer evicted, while the cache volume is sized for
+    models."""
+    root = Path(cache_dir) / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def _publish(
     store: CheckpointStore,
     project: int,
@@ -252,10 +263,11 @@ def _publish(
     metadata: dict[str, Any],
     keep: int,
     progress: Progress,
+    staging: Optional[Path] = None,
 ) -> None:
     """Save the version (lsbert.json last), then move the pointer if promoted, then prune."""
     promotion = metadata["promotion"]
-    with tempfile.TemporaryDirectory(prefix=f"lsbert-train-{project}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"lsbert-train-{project}-", dir=staging) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         store.save(project, version, Path(tmp), metadata)
@@ -284,6 +296,7 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     """One training run; returns the version's metadata. Raises on failure (the pointer untouched)."""
     import torch
 
+    from lsbert.gpu import check_cuda
     from lsbert.model.runtime import select_runtime
     from lsbert.modelsource import resolve
     from lsbert.trainer.dataset import build_examples, label_counts, split_examples
@@ -293,6 +306,7 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
 
     t0 = time.perf_counter()
     project = args.project
+    check_cuda(settings.require_cuda, "training")  # before anything is downloaded or reserved
     store: CheckpointStore = open_store(settings.model_dir, settings.cache_dir)
     version = _reserve_version(args, settings, store)
     progress(f"project {project}: training version {version} into {store.root}")
@@ -418,7 +432,17 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     }
 
     # --- save, promote, prune ----------------------------------------------------------------------
-    _publish(store, project, version, model, tokenizer, metadata, settings.keep_versions, progress)
+    _publish(
+        store,
+        project,
+        version,
+        model,
+        tokenizer,
+        metadata,
+        settings.keep_versions,
+        progress,
+        staging_root(settings.cache_dir),
+    )
     progress(f"done in {time.perf_counter() - t0:.1f}s")
     return metadata
 
@@ -457,11 +481,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:
         log.debug("training run failed", exc_info=True)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        kind = (
-            ""
-            if isinstance(exc, (TrainingError, LabelConfigError)) or _is_data_error(exc)
-            else f"{type(exc).__name__}: "
+        quiet = (
+            isinstance(exc, (TrainingError, LabelConfigError))
+            or _is_data_error(exc)
+            or type(exc).__name__ == "CudaUnavailable"
         )
+        kind = "" if quiet else f"{type(exc).__name__}: "
         print(f"lsbert train: error: {kind}{message or type(exc).__name__}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     return EXIT_OK
