@@ -79,7 +79,7 @@ def test_gpu_job_runs_on_the_gpu_node_and_succeeds(launcher_ns):
 
     (job,) = jobs(launcher_ns, 3)
     assert job.metadata.labels["lsbert.io/version"] == "ft-0001"
-    assert job.spec.backoff_limit == 1 and job.spec.ttl_seconds_after_finished == 86400
+    assert job.spec.backoff_limit == 2 and job.spec.ttl_seconds_after_finished == 86400
     (pod,) = pods_of(launcher_ns, run.run_id)
     assert pod.spec.node_name == GPU_NODE
     (container,) = pod.spec.containers
@@ -127,7 +127,8 @@ def test_failed_job_reports_reason_exit_code_and_last_log_line(launcher_ns, cont
             )
         poll_until_finished(launcher, run)
     assert run.phase is RunPhase.FAILED
-    assert run.message.startswith("BackoffLimitExceeded: ")
+    # The template's podFailurePolicy fails the Job at the trainer's first non-zero exit (no retries).
+    assert run.message.startswith("PodFailurePolicy: ")
     assert "exit code 3" in run.message
     assert run.message.endswith("TrainingError: no labelled tasks in project 7")
     assert run.finished_at is not None
