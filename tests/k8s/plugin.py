@@ -24,6 +24,7 @@ _WANT_REAL_NODE: list[bool] = [False]
 _REAL_NODE_SKIPPED: list[str] = []
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: a deselected cluster test needs no real node
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     _WANT_REAL_NODE[0] = any(item.get_closest_marker("cluster") for item in items)
 
