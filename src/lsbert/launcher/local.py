@@ -33,8 +33,14 @@ class LocalLauncher(Launcher):
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
             with open(path, "ab") as out:
-                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
         except OSError as exc:
             raise LaunchError(f"cannot start the training process: {exc}") from None
         self._procs[run_id] = proc

@@ -34,9 +34,16 @@ MULTI_ATTACH = "MultiAttach"
 FAILED_ATTACH = "FailedAttachVolume"
 FAILED_MOUNT = "FailedMount"
 PENDING_TIMEOUT = "PendingTimeout"
-WAITING_REASONS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName",
-                   "ImageInspectError", "CreateContainerConfigError",
-                   "CreateContainerError", "RunContainerError")
+WAITING_REASONS = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "ImageInspectError",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+)
 MESSAGE_LIMIT = 600
 
 
@@ -50,9 +57,13 @@ def _line(reason: str, message: Optional[str]) -> str:
 
 
 def _when(event) -> float:
-    return (timestamp(getattr(event, "last_timestamp", None)) or timestamp(getattr(event, "event_time", None))
-            or timestamp(getattr(event, "first_timestamp", None))
-            or timestamp(getattr(getattr(event, "metadata", None), "creation_timestamp", None)) or 0.0)
+    return (
+        timestamp(getattr(event, "last_timestamp", None))
+        or timestamp(getattr(event, "event_time", None))
+        or timestamp(getattr(event, "first_timestamp", None))
+        or timestamp(getattr(getattr(event, "metadata", None), "creation_timestamp", None))
+        or 0.0
+    )
 
 
 def latest_warning(events: Iterable[Any], *reasons: str) -> Optional[Any]:

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
+from lsbert import metrics
 from lsbert.launcher.base import Launcher, LaunchError, Run, RunPhase
-from lsbert.predictor import metrics
 from lsbert.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,17 @@ class ProjectTraining:
 
 
 class TrainingScheduler:
-    def __init__(self, launcher: Launcher, store: CheckpointStore, *, every_n_updates: int, version_name: str,
-                 train_args: Optional[list[str]] = None, poll_seconds: float = 2.0,
-                 on_finished: Optional[Callable[[int, Run], Awaitable[None]]] = None):
+    def __init__(
+        self,
+        launcher: Launcher,
+        store: CheckpointStore,
+        *,
+        every_n_updates: int,
+        version_name: str,
+        train_args: Optional[list[str]] = None,
+        poll_seconds: float = 2.0,
+        on_finished: Optional[Callable[[int, Run], Awaitable[object]]] = None,
+    ):
         self.launcher = launcher
         self.store = store
         self.every_n_updates = every_n_updates
@@ -121,7 +129,9 @@ class TrainingScheduler:
                     self._ensure_watching()
             if state.active is not None:
                 state.follow_up = True
-                log.info("project %s: %s while %s runs; one follow-up run queued", project, reason, state.active.version)
+                log.info(
+                    "project %s: %s while %s runs; one follow-up run queued", project, reason, state.active.version
+                )
                 return state.active, True
             return await self._launch(project, state, reason), False
 

@@ -11,7 +11,6 @@ from typing import Optional
 
 from fastapi import HTTPException, Request
 
-
 log = logging.getLogger(__name__)
 
 WEBHOOK_HINT = (

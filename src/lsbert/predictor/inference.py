@@ -12,7 +12,7 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
-from lsbert.predictor import metrics
+from lsbert import metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class InferenceQueue:
 
     async def _work(self) -> None:
         queue = self._queue
+        assert queue is not None  # _ensure_worker creates the queue before the worker
         loop = asyncio.get_running_loop()
         held: list[_Job] = []
         while True:

@@ -17,7 +17,8 @@ from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from lsbert.predictor.service import PredictorService, UnknownProject, parse_project_id
+from lsbert.predictor.errors import UnknownProject
+from lsbert.predictor.service import PredictorService, parse_project_id
 
 
 def _texts(values: Any) -> list[str]:
@@ -56,8 +57,12 @@ class LsbertModel(Model):
         self.ready = True
         return self.ready
 
-    async def predict(self, payload: Union[Dict, InferRequest], headers: Optional[Dict[str, str]] = None,
-                      response_headers: Optional[Dict[str, str]] = None) -> Union[Dict, InferResponse]:
+    async def predict(
+        self,
+        payload: Union[Dict, InferRequest],
+        headers: Optional[Dict[str, str]] = None,
+        response_headers: Optional[Dict[str, str]] = None,
+    ) -> Union[Dict, InferResponse]:
         if isinstance(payload, InferRequest):
             if not payload.inputs:
                 raise InvalidInput("the request has no inputs")
@@ -82,7 +87,7 @@ class LsbertModel(Model):
             classified = await self.service.classify_texts(
                 texts, project=project, labels=labels, multi_label=bool(_param(params, "multi_label"))
             )
-        except (UnknownProject, ValueError) as exc:
+        except (UnknownProject, ValueError) as exc:  # KServe's protocols answer bad input with 400
             raise InvalidInput(str(exc)) from None
 
         chosen = [list(p.chosen) for p in classified.predictions]
@@ -90,8 +95,12 @@ class LsbertModel(Model):
             n, width = len(texts), len(classified.labels)
             outputs = [
                 InferOutput("label", [n], "BYTES", [c[0] if c else "" for c in chosen]),
-                InferOutput("probabilities", [n, width], "FP32",
-                            np.asarray(classified.probabilities, dtype=np.float32).reshape(n, width).flatten().tolist()),
+                InferOutput(
+                    "probabilities",
+                    [n, width],
+                    "FP32",
+                    np.asarray(classified.probabilities, dtype=np.float32).reshape(n, width).flatten().tolist(),
+                ),
             ]
             return InferResponse(
                 response_id=payload.id or str(uuid.uuid4()),

@@ -12,14 +12,16 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
+from lsbert import metrics
 from lsbert.labelconfig import ClassificationSpec
+from lsbert.model import ModelKind
+from lsbert.model.engine import SequenceClassifier, ZeroShotClassifier
+from lsbert.model.runtime import Runtime, release_memory
 from lsbert.modelsource import short_name
-from lsbert.predictor import metrics
-from lsbert.predictor.engine import Runtime, SequenceClassifier, ZeroShotClassifier, release_memory
 from lsbert.store import CheckpointStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -30,23 +32,35 @@ class Served:
     """A model answering for one project: a fine-tuned checkpoint or the zero-shot baseline."""
 
     version: str
-    kind: str  # "finetuned" | "zeroshot"
+    kind: ModelKind
     labels: tuple[str, ...]
     multi_label: bool
-    classifier: object
+    classifier: Any  # SequenceClassifier (FINETUNED) or ZeroShotClassifier (ZEROSHOT)
 
-    def key(self, spec: ClassificationSpec):
-        return (id(self.classifier), spec.labels, spec.multi_label) if self.kind == "zeroshot" else id(self.classifier)
+    def key(self, spec: ClassificationSpec) -> Hashable:
+        """Requests with equal keys may share a forward pass (zero-shot: only over the same labels)."""
+        if self.kind is ModelKind.ZEROSHOT:
+            return (id(self.classifier), spec.labels, spec.multi_label)
+        return id(self.classifier)
 
-    def runner(self, spec: ClassificationSpec):
-        if self.kind == "zeroshot":
+    def runner(self, spec: ClassificationSpec) -> Callable[[Sequence[str]], np.ndarray]:
+        if self.kind is ModelKind.ZEROSHOT:
             return lambda texts: self.classifier.predict_proba(texts, spec.labels, spec.multi_label)
         return self.classifier.predict_proba
 
 
 class ModelRegistry:
-    def __init__(self, store: CheckpointStore, runtime: Runtime, baseline_name: str, *, max_loaded: int = 4,
-                 max_length: int = 0, batch_size: int = 64, hf_token: Optional[str] = None):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        runtime: Runtime,
+        baseline_name: str,
+        *,
+        max_loaded: int = 4,
+        max_length: int = 0,
+        batch_size: int = 64,
+        hf_token: Optional[str] = None,
+    ):
         self.store = store
         self.runtime = runtime
         self.baseline_name = baseline_name
@@ -55,7 +69,7 @@ class ModelRegistry:
         self.batch_size = batch_size
         self.hf_token = hf_token
         self.zero_shot: Optional[ZeroShotClassifier] = None
-        self._loaded: "OrderedDict[int, Served]" = OrderedDict()
+        self._loaded: OrderedDict[int, Served] = OrderedDict()
         self._pointers: dict[int, Optional[str]] = {}
         self._specs: dict[int, ClassificationSpec] = {}
         self._lock = threading.Lock()
@@ -66,7 +80,9 @@ class ModelRegistry:
     # --- start-up ---------------------------------------------------------------------------------
     def load_baseline(self) -> None:
         """Blocking: load and warm up the baseline encoder (readiness waits for this)."""
-        self.zero_shot = ZeroShotClassifier(self.baseline_name, self.runtime, self.max_length, self.batch_size, self.hf_token)
+        self.zero_shot = ZeroShotClassifier(
+            self.baseline_name, self.runtime, self.max_length, self.batch_size, self.hf_token
+        )
         self.zero_shot.warm_up()
         log.info("baseline %s loaded on %s (%s)", self.baseline_name, self.runtime.device, self.runtime.precision)
 
@@ -106,16 +122,19 @@ class ModelRegistry:
         served = self.loaded(project)
         if served is not None and _compatible(served, spec):
             return served.version
-        if served is None and self.pointer(project):
-            return self.pointer(project)
-        return self.zero_shot_version(spec)
+        pointer = self.pointer(project) if served is None else None
+        return pointer or self.zero_shot_version(spec)
 
     def serving_summary(self) -> dict[str, str]:
         summary = {}
         for project in self.known_projects():
             spec = self._specs.get(project)
             loaded = self.loaded(project)
-            summary[str(project)] = self.version_for(project, spec) if spec else (loaded.version if loaded else self.pointer(project) or "-")
+            summary[str(project)] = (
+                self.version_for(project, spec)
+                if spec
+                else (loaded.version if loaded else self.pointer(project) or "-")
+            )
         return summary
 
     # --- serving ------------------------------------------------------------------------------------
@@ -124,10 +143,10 @@ class ModelRegistry:
         if project is not None and self._reported.get(project) != version:
             previous = self._reported.get(project)
             if previous:
-                metrics.SERVING_MODEL.labels(str(project), previous, "zeroshot").set(0)
-            metrics.SERVING_MODEL.labels(str(project), version, "zeroshot").set(1)
+                metrics.SERVING_MODEL.labels(str(project), previous, ModelKind.ZEROSHOT.value).set(0)
+            metrics.SERVING_MODEL.labels(str(project), version, ModelKind.ZEROSHOT.value).set(1)
             self._reported[project] = version
-        return Served(version, "zeroshot", spec.labels, spec.multi_label, self.zero_shot)
+        return Served(version, ModelKind.ZEROSHOT, spec.labels, spec.multi_label, self.zero_shot)
 
     async def acquire(self, project: int, spec: ClassificationSpec) -> Served:
         served = self.loaded(project)
@@ -150,7 +169,7 @@ class ModelRegistry:
         path = self.store.local_path(project, version)
         classifier = SequenceClassifier(path, self.runtime, self.max_length, self.batch_size)
         classifier.warm_up()
-        return Served(version, "finetuned", classifier.labels, classifier.multi_label, classifier)
+        return Served(version, ModelKind.FINETUNED, classifier.labels, classifier.multi_label, classifier)
 
     async def ensure_loaded(self, project: int, version: str) -> Served:
         """Load ``version`` in the background (once, however many callers ask) and swap it in."""
@@ -181,14 +200,14 @@ class ModelRegistry:
                 evicted.append(victim)
         self._pointers[project] = served.version
         if old is not None:
-            metrics.SERVING_MODEL.labels(str(project), old.version, old.kind).set(0)
+            metrics.SERVING_MODEL.labels(str(project), old.version, old.kind.value).set(0)
             metrics.MODEL_SWAPS.inc()
             log.info("project %s: swapped %s -> %s", project, old.version, served.version)
         else:
             log.info("project %s: serving %s", project, served.version)
-        metrics.SERVING_MODEL.labels(str(project), served.version, served.kind).set(1)
+        metrics.SERVING_MODEL.labels(str(project), served.version, served.kind.value).set(1)
         if project in self._reported:
-            metrics.SERVING_MODEL.labels(str(project), self._reported.pop(project), "zeroshot").set(0)
+            metrics.SERVING_MODEL.labels(str(project), self._reported.pop(project), ModelKind.ZEROSHOT.value).set(0)
         # In-flight requests keep their reference to the old model; memory returns once they finish.
         del old, evicted
         release_memory()

@@ -1,7 +1,8 @@
 """The Label Studio ML backend API (as Label Studio 1.23 speaks it), on the KServe FastAPI app.
 
 Handlers only parse and validate, call the predictor service or the training scheduler, and shape the
-answer. Malformed requests get a 4xx with a message Label Studio shows to the user.
+answer. Malformed requests raise the domain errors of ``lsbert.predictor.errors``, which answers each with
+its 4xx and a message Label Studio shows to the user.
 """
 
 from __future__ import annotations
@@ -9,15 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 
+from lsbert import metrics
 from lsbert.labelconfig import LabelConfigError
-from lsbert.predictor import metrics
 from lsbert.predictor.auth import BasicAuth
-from lsbert.predictor.service import PredictorService, UnknownProject, parse_project_id
+from lsbert.predictor.errors import (
+    BadRequest,
+    NotReady,
+    TooManyTasks,
+    TrainingDisabled,
+    UnknownProject,
+    install_error_handlers,
+)
+from lsbert.predictor.service import PredictorService, parse_project_id
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +35,13 @@ MAX_TASKS = 100_000
 async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw:
-        raise HTTPException(400, "the request body is empty; expected a JSON object")
+        raise BadRequest("the request body is empty; expected a JSON object")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, f"the request body is not valid JSON: {exc}") from None
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise HTTPException(400, "the request body must be a JSON object")
+        raise BadRequest("the request body must be a JSON object")
     return body
 
 
@@ -41,18 +49,7 @@ def _project(value: Any, where: str) -> int:
     try:
         return parse_project_id(value)
     except ValueError as exc:
-        raise HTTPException(400, f"{where}: {exc}") from None
-
-
-@contextmanager
-def _config_errors() -> Iterator[None]:
-    """A config lsbert cannot serve is a 422, an unknown project a 404; both with the reason."""
-    try:
-        yield
-    except LabelConfigError as exc:
-        raise HTTPException(422, f"lsbert cannot serve this labelling config: {exc}") from None
-    except UnknownProject as exc:
-        raise HTTPException(404, str(exc)) from None
+        raise BadRequest(f"{where}: {exc}") from None
 
 
 class LabelStudioEndpoints:
@@ -75,8 +72,7 @@ class LabelStudioEndpoints:
         with metrics.REQUEST_SECONDS.labels("setup").time():
             body = await _json_body(request)
             project = _project(body.get("project"), "setup")
-            with _config_errors():
-                version = self.service.setup(project, body.get("schema"))
+            version = self.service.setup(project, body.get("schema"))
             return {"model_version": version}
 
     async def predict(self, request: Request) -> dict[str, Any]:
@@ -84,17 +80,16 @@ class LabelStudioEndpoints:
         body = await _json_body(request)
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
-            raise HTTPException(400, "'tasks' must be a list of Label Studio tasks")
+            raise BadRequest("'tasks' must be a list of Label Studio tasks")
         if len(tasks) > MAX_TASKS:
-            raise HTTPException(413, f"{len(tasks)} tasks in one request; at most {MAX_TASKS}")
+            raise TooManyTasks(f"{len(tasks)} tasks in one request; at most {MAX_TASKS}")
         if not self.service.ready:
-            raise HTTPException(503, "the model is still loading; retry in a few seconds")
+            raise NotReady("the model is still loading; retry in a few seconds")
         project_field = body.get("project")
         if project_field is None and tasks and isinstance(tasks[0], dict):
             project_field = tasks[0].get("project")
         project = _project(project_field, "predict")
-        with _config_errors():
-            spec = self.service.resolve_spec(project, body.get("label_config"))
+        spec = self.service.resolve_spec(project, body.get("label_config"))
         version, results = await self.service.predict_tasks(project, spec, tasks)
         metrics.REQUEST_SECONDS.labels("predict").observe(time.perf_counter() - started)
         return {"results": results, "model_version": version}
@@ -103,7 +98,7 @@ class LabelStudioEndpoints:
         body = await _json_body(request)
         action = body.get("action")
         if not isinstance(action, str) or not action:
-            raise HTTPException(400, "a webhook body needs an 'action'")
+            raise BadRequest("a webhook body needs an 'action'")
         metrics.WEBHOOK_EVENTS.labels(action).inc()
         project_obj = body.get("project")
         project_value = project_obj.get("id") if isinstance(project_obj, dict) else project_obj
@@ -124,12 +119,12 @@ class LabelStudioEndpoints:
         body = await _json_body(request)
         project = _project(body.get("project"), "train")
         if self.scheduler is None:
-            raise HTTPException(409, "training is disabled (TRAINING_LAUNCHER=none)")
+            raise TrainingDisabled("training is disabled (TRAINING_LAUNCHER=none)")
         return await self.scheduler.handle_event("START_TRAINING", project, body)
 
     async def versions(self, project: Optional[str] = None) -> dict[str, Any]:
         if self.store is None:
-            raise HTTPException(404, "no checkpoint store configured")
+            raise UnknownProject("no checkpoint store configured")
         projects = [_project(project, "versions")] if project else self.service.registry.known_projects()
         if not project:
             projects = sorted(set(projects) | set(self.store.projects()))
@@ -141,13 +136,15 @@ class LabelStudioEndpoints:
             entries = []
             for info in reversed(self.store.versions(pid)):
                 names.append(info.version)
-                entries.append({
-                    "version": info.version,
-                    "promoted": info.version == promoted,
-                    "created_at": info.metadata.get("created_at"),
-                    "metrics": info.metrics,
-                    "promotion": info.metadata.get("promotion"),
-                })
+                entries.append(
+                    {
+                        "version": info.version,
+                        "promoted": info.version == promoted,
+                        "created_at": info.metadata.get("created_at"),
+                        "metrics": info.metrics,
+                        "promotion": info.metadata.get("promotion"),
+                    }
+                )
             details[str(pid)] = {"promoted": promoted, "versions": entries}
             if training.get(str(pid)):
                 # the active or last run, with why it is pending or failed (as /health has it)
@@ -155,7 +152,10 @@ class LabelStudioEndpoints:
         return {"versions": names, "projects": details}
 
 
-def register_label_studio_routes(app: FastAPI, endpoints: LabelStudioEndpoints, auth: BasicAuth, prefix: str = "") -> None:
+def register_label_studio_routes(
+    app: FastAPI, endpoints: LabelStudioEndpoints, auth: BasicAuth, prefix: str = ""
+) -> None:
+    install_error_handlers(app)
     guarded = APIRouter(prefix=prefix, dependencies=[Depends(auth)])
     open_router = APIRouter(prefix=prefix)
     open_router.add_api_route("/health", endpoints.health, methods=["GET"])

@@ -14,8 +14,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from lsbert.labelconfig import ClassificationSpec, LabelConfigError, parse_label_config
-from lsbert.predictor import metrics
+from lsbert import metrics
+from lsbert.labelconfig import ClassificationSpec, parse_label_config
+from lsbert.model import ModelKind
+from lsbert.predictor.errors import UnknownProject
 from lsbert.predictor.inference import InferenceQueue
 from lsbert.predictor.registry import ModelRegistry
 from lsbert.predictor.results import Prediction, decide, project_probabilities, task_text, to_label_studio
@@ -24,14 +26,10 @@ from lsbert.predictor.textsource import TextSourceError, fetch_text
 log = logging.getLogger(__name__)
 
 
-class UnknownProject(LookupError):
-    pass
-
-
 @dataclass
 class Classified:
     version: str
-    kind: str
+    kind: ModelKind
     labels: tuple[str, ...]
     probabilities: np.ndarray
     predictions: list[Prediction]
@@ -56,9 +54,17 @@ def parse_project_id(value: Any) -> int:
 
 
 class PredictorService:
-    def __init__(self, registry: ModelRegistry, *, threshold: float = 0.5, label_studio_url: Optional[str] = None,
-                 label_studio_api_key: Optional[str] = None, cache_dir: Path = Path(".lsbert-cache"),
-                 max_batch: int = 256, default_project: Optional[int] = None):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        threshold: float = 0.5,
+        label_studio_url: Optional[str] = None,
+        label_studio_api_key: Optional[str] = None,
+        cache_dir: Path = Path(".lsbert-cache"),
+        max_batch: int = 256,
+        default_project: Optional[int] = None,
+    ):
         self.registry = registry
         self.threshold = threshold
         self.queue = InferenceQueue(max_batch=max_batch)
@@ -97,10 +103,10 @@ class PredictorService:
             spec = self.spec_from_config(label_config)
             self.registry.remember(project, spec)
             return spec
-        spec = self.registry.spec(project)
-        if spec is None:
+        known = self.registry.spec(project)
+        if known is None:
             raise UnknownProject(f"project {project} is unknown: send 'label_config' or call /setup first")
-        return spec
+        return known
 
     # --- prediction ---------------------------------------------------------------------------------
     async def _classify(self, project: Optional[int], spec: ClassificationSpec, texts: Sequence[str]) -> Classified:
@@ -122,8 +128,12 @@ class PredictorService:
             if text is not None and spec.text_is_url:
                 try:
                     text = await asyncio.to_thread(
-                        fetch_text, text, task_id=task.get("id"), hostname=self.label_studio_url,
-                        api_key=self.label_studio_api_key, cache_dir=self.cache_dir / "task-data",
+                        fetch_text,
+                        text,
+                        task_id=task.get("id"),
+                        hostname=self.label_studio_url,
+                        api_key=self.label_studio_api_key,
+                        cache_dir=self.cache_dir / "task-data",
                     )
                 except TextSourceError as exc:
                     text, reason = None, str(exc)
@@ -132,25 +142,41 @@ class PredictorService:
             texts.append(text)
         return texts
 
-    async def predict_tasks(self, project: int, spec: ClassificationSpec, tasks: Sequence[Any]) -> tuple[str, list[dict]]:
+    async def predict_tasks(
+        self, project: int, spec: ClassificationSpec, tasks: Sequence[Any]
+    ) -> tuple[str, list[dict]]:
         """Label Studio /predict: exactly one result per task, in order; bad tasks get an empty result."""
         started = time.perf_counter()
         texts = await self._texts_of(tasks, spec)
         good = [i for i, t in enumerate(texts) if t is not None]
-        classified = await self._classify(project, spec, [texts[i] for i in good])
+        classified = await self._classify(project, spec, [t for t in texts if t is not None])
         by_index = dict(zip(good, classified.predictions))
         results = [to_label_studio(by_index.get(i), spec, classified.version) for i in range(len(tasks))]
         metrics.TASKS_PREDICTED.labels("ok").inc(len(good))
         metrics.TASKS_PREDICTED.labels("empty").inc(len(tasks) - len(good))
-        log.info("project %s: predicted %d tasks (%d empty) with %s in %.3fs", project, len(tasks),
-                 len(tasks) - len(good), classified.version, time.perf_counter() - started)
+        log.info(
+            "project %s: predicted %d tasks (%d empty) with %s in %.3fs",
+            project,
+            len(tasks),
+            len(tasks) - len(good),
+            classified.version,
+            time.perf_counter() - started,
+        )
         return classified.version, results
 
-    async def classify_texts(self, texts: Sequence[str], *, project: Optional[int] = None,
-                             labels: Optional[Sequence[str]] = None, multi_label: bool = False) -> Classified:
+    async def classify_texts(
+        self,
+        texts: Sequence[str],
+        *,
+        project: Optional[int] = None,
+        labels: Optional[Sequence[str]] = None,
+        multi_label: bool = False,
+    ) -> Classified:
         """KServe V1/V2: plain texts for a project's model, or zero-shot over the given labels."""
         if labels:
-            spec = ClassificationSpec("label", "text", "text", tuple(dict.fromkeys(str(x) for x in labels)), bool(multi_label))
+            spec = ClassificationSpec(
+                "label", "text", "text", tuple(dict.fromkeys(str(x) for x in labels)), bool(multi_label)
+            )
             return await self._classify(None, spec, texts)
         if project is None:
             project = self.default_project
@@ -162,15 +188,16 @@ class PredictorService:
                     f"zero-shot; known projects: {known}"
                 )
             project = known[0]
-        spec = self.registry.spec(project)
-        if spec is None:
-            served = self.registry.loaded(project)
-            version = self.registry.pointer(project)
-            if served is None and version:
-                served = await self.registry.ensure_loaded(project, version)
-            if served is None:
-                raise UnknownProject(f"project {project} is unknown: connect it from Label Studio first")
-            spec = ClassificationSpec("label", "text", "text", served.labels, served.multi_label)
+        remembered = self.registry.spec(project)
+        if remembered is not None:
+            return await self._classify(project, remembered, texts)
+        served = self.registry.loaded(project)
+        version = self.registry.pointer(project)
+        if served is None and version:
+            served = await self.registry.ensure_loaded(project, version)
+        if served is None:
+            raise UnknownProject(f"project {project} is unknown: connect it from Label Studio first")
+        spec = ClassificationSpec("label", "text", "text", served.labels, served.multi_label)
         return await self._classify(project, spec, texts)
 
     def close(self) -> None:
@@ -180,6 +207,3 @@ class PredictorService:
 
 def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, dict) else None
-
-
-__all__ = ["PredictorService", "UnknownProject", "LabelConfigError", "parse_project_id", "Classified"]

@@ -16,7 +16,9 @@ class TextSourceError(RuntimeError):
     pass
 
 
-def fetch_text(url: str, *, task_id: Optional[int], hostname: Optional[str], api_key: Optional[str], cache_dir: Path) -> str:
+def fetch_text(
+    url: str, *, task_id: Optional[int], hostname: Optional[str], api_key: Optional[str], cache_dir: Path
+) -> str:
     from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path
 
     if not hostname:
