@@ -16,6 +16,7 @@ Runs once per pinned KServe version (``LSBERT_KSERVE_VERSIONS`` narrows them); t
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -242,6 +243,10 @@ def test_inference_service_serves_label_studio_from_the_real_node_and_trains(kse
     assert (strategy.rolling_update.max_surge, strategy.rolling_update.max_unavailable) == (1, 0)
     (port,) = service.spec.ports
     assert port.port == 80 and service.spec.type == "ClusterIP"
+    # The chart's preStop drain reached the pod template (KServe's CRD schema keeps `lifecycle`).
+    rendered = json.loads(cp.kubectl("get", "deployment", PREDICTOR, "-n", ns, "-o", "json").stdout)
+    (container,) = [c for c in rendered["spec"]["template"]["spec"]["containers"] if c["name"] == "kserve-container"]
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"], container.get("lifecycle")
     # No plain-Deployment objects of the chart beside KServe's.
     assert not cp.kubectl("get", "deployment", RELEASE, "-n", ns, "--ignore-not-found", "-o", "name").stdout.strip()
 
