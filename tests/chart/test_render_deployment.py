@@ -427,3 +427,19 @@ def test_topology_spread_selects_the_predictor_pods() -> None:
         assert got[0] == {**spread[0], "labelSelector": {"matchLabels": PREDICTOR_SELECTOR}}
         assert got[1] == spread[1]
     validate_all(render({"topologySpreadConstraints": spread}))
+
+
+# ------------------------------------------------------------------------------------------ preStop drain
+
+
+@pytest.mark.parametrize("kserve", [False, True], ids=["deployment", "inferenceservice"])
+def test_predictor_keeps_serving_until_the_service_forgets_it(kserve: bool) -> None:
+    """A stopping predictor sleeps in preStop before SIGTERM (the server then closes its listener), so a
+    rolling update never sends a new connection to a closed port; 0 turns it off."""
+    values = {"kserve": {"enabled": kserve}}
+    m = render(values)
+    assert m.predictor_container()["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+    assert m.predictor_pod_spec()["terminationGracePeriodSeconds"] > 5
+    validate_all(m)
+    assert "lifecycle" not in render({**values, "preStopSleepSeconds": 0}).predictor_container()
+    assert "preStopSleepSeconds" in render_error({**values, "preStopSleepSeconds": -1})

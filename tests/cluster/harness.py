@@ -111,6 +111,8 @@ class Release:
     workdir: Path
     install_output: str = ""
     pvs: list[str] = field(default_factory=list)
+    # The predictor Service when it is not the chart's plain one (KServe makes "<fullname>-predictor").
+    service: str = ""
 
     @property
     def fullname(self) -> str:
@@ -118,7 +120,7 @@ class Release:
 
     def service_url(self) -> str:
         """The predictor Service's ClusterIP URL (reachable from this host through kube-proxy)."""
-        svc = self.cp.kubectl("get", "svc", self.fullname, "-n", self.namespace, "-o", "json").stdout
+        svc = self.cp.kubectl("get", "svc", self.service or self.fullname, "-n", self.namespace, "-o", "json").stdout
         spec = json.loads(svc)["spec"]
         return f"http://{spec['clusterIP']}:{spec['ports'][0]['port']}"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import requests
 
@@ -107,8 +107,21 @@ def wait_trainer_pod(release: harness.Release, job_name: str, timeout: float = 1
         raise AssertionError(harness.describe(release)) from None
 
 
-def full_loop(ls, release: harness.Release, workdir, *, title: str, n_train: int = 200, n_check: int = 30) -> dict:
-    """Annotate, press Start Training, follow the Job's logs, wait for the swap, re-predict. Returns figures."""
+def full_loop(
+    ls,
+    release: harness.Release,
+    workdir,
+    *,
+    title: str,
+    n_train: int = 200,
+    n_check: int = 30,
+    swap_timeout: float = 120,
+    settle: Optional[Callable[[Any, str], None]] = None,
+) -> dict:
+    """Annotate, press Start Training, follow the Job's logs, wait for the swap, re-predict. Returns figures.
+
+    ``settle(project, new_version)`` runs after the first answer with the new version and before Label Studio
+    re-predicts: e.g. waiting for a rolling update, while old pods could still answer with the old version."""
     ctx = connect(ls, release, title, n_train + n_check)
     project, task_ids, truth = ctx["project"], ctx["task_ids"], ctx["truth"]
     train_ids, check_ids = task_ids[:n_train], task_ids[n_train:]
@@ -144,9 +157,13 @@ def full_loop(ls, release: harness.Release, workdir, *, title: str, n_train: int
         return version if version != before else None
 
     try:
-        after = harness.wait_for(swapped, 120, "the predictor to serve the new version", interval=2)
+        after = harness.wait_for(swapped, swap_timeout, "the predictor to serve the new version", interval=2)
     except TimeoutError:
-        raise AssertionError(f"no swap. /health: {release.get('/health').json()}\nlogs:\n{logs[-3000:]}") from None
+        raise AssertionError(
+            f"no swap. /health: {release.get('/health').json()}\nlogs:\n{logs[-3000:]}\n{harness.describe(release)}"
+        ) from None
+    if settle is not None:
+        settle(project, after)
     loop_seconds = time.monotonic() - t0
     retrieve_predictions(ls, project.id, check_ids)
     assert after in stored_versions(ls, check_ids), "Label Studio did not store predictions of the new version"

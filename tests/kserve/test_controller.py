@@ -193,6 +193,7 @@ def test_inference_service_becomes_predictor_deployment_and_service(
         assert volumes["checkpoints"].persistent_volume_claim.claim_name == f"{FULLNAME}-checkpoints"
         assert volumes["tmp"].empty_dir is not None and volumes["cache"].empty_dir is not None
         assert container.security_context.read_only_root_filesystem is True
+        assert container.lifecycle.pre_stop._exec.command == ["sleep", "5"]  # the chart's drain before SIGTERM
         assert pod_spec.service_account_name == FULLNAME and pod_spec.security_context.run_as_non_root
 
         # Service: port 80 -> the container's 8080, selecting exactly the predictor pods.
