@@ -167,7 +167,7 @@ class PredictStream:
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
-    def start(self) -> "PredictStream":
+    def start(self) -> PredictStream:
         self._threads = [
             threading.Thread(target=self._predict, daemon=True),
             threading.Thread(target=self._retrieve, daemon=True),
