@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     predict_batch_size: int = Field(64, ge=1, le=4096)
     multi_label_threshold: float = Field(0.5, gt=0, lt=1)
     max_loaded_models: int = Field(4, ge=1)
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body accepted; a larger one gets 413 unread."
+    )
+    metrics_without_auth: bool = Field(
+        False, description="Serve /metrics without basic auth (for a Prometheus that scrapes without credentials)."
+    )
+    model_load_wait_seconds: float = Field(
+        60.0, ge=0, le=90, description="How long /predict waits for the baseline model still loading before 503."
+    )
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = all available cores.")
     torch_compile: bool = Field(False, description="torch.compile served models on CUDA (slower model loads).")
     train_batch_size: int = Field(16, ge=1, le=4096)

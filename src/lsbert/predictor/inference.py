@@ -74,20 +74,30 @@ class InferenceQueue:
             group = [g for g in group if not g.future.cancelled()]
             if not group:
                 continue
-            texts = [t for g in group for t in g.texts]
-            metrics.BATCH_SIZE.observe(len(texts))
-            try:
-                out = await loop.run_in_executor(self._executor, job.run, texts)
-            except Exception as exc:  # surfaced to each waiting request, which decides what it means
+            await self._run_group(loop, group)
+
+    async def _run_group(self, loop: asyncio.AbstractEventLoop, group: list[_Job]) -> None:
+        """One forward pass for the group; if it fails, each job is run alone, so that only the request
+        whose input cannot be processed gets the error and every other one its answer."""
+        texts = [t for g in group for t in g.texts]
+        metrics.BATCH_SIZE.observe(len(texts))
+        try:
+            out = await loop.run_in_executor(self._executor, group[0].run, texts)
+        except Exception as exc:
+            if len(group) > 1:
+                log.warning("a merged pass of %d requests failed (%s); running them one by one", len(group), exc)
                 for g in group:
                     if not g.future.done():
-                        g.future.set_exception(exc)
-                continue
-            offset = 0
-            for g in group:
-                if not g.future.done():
-                    g.future.set_result(out[offset : offset + len(g.texts)])
-                offset += len(g.texts)
+                        await self._run_group(loop, [g])
+                return
+            if not group[0].future.done():  # surfaced to the waiting request, which decides what it means
+                group[0].future.set_exception(exc)
+            return
+        offset = 0
+        for g in group:
+            if not g.future.done():
+                g.future.set_result(out[offset : offset + len(g.texts)])
+            offset += len(g.texts)
 
     def close(self) -> None:
         if self._worker is not None:

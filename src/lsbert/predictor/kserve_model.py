@@ -68,6 +68,8 @@ class LsbertModel(Model):
                 raise InvalidInput("the request has no inputs")
             texts = _texts(list(payload.inputs[0].data))
             params = payload.parameters or {}
+            if not isinstance(params, dict):
+                raise InvalidInput("'parameters' must be a JSON object")
         else:
             if isinstance(payload, (bytes, str)):  # a body sent without a JSON content type
                 try:
@@ -77,7 +79,10 @@ class LsbertModel(Model):
             if not isinstance(payload, dict):
                 raise InvalidInput("the request body must be a JSON object")
             texts = _texts(payload.get("instances", payload.get("inputs")))
-            params = {**(payload.get("parameters") or {}), **payload}
+            parameters = payload.get("parameters")
+            if parameters is not None and not isinstance(parameters, dict):
+                raise InvalidInput("'parameters' must be a JSON object")
+            params = {**(parameters or {}), **payload}
         project_value = _param(params, "project")
         labels = _param(params, "labels")
         if isinstance(labels, str):
@@ -87,7 +92,7 @@ class LsbertModel(Model):
             classified = await self.service.classify_texts(
                 texts, project=project, labels=labels, multi_label=bool(_param(params, "multi_label"))
             )
-        except (UnknownProject, ValueError) as exc:  # KServe's protocols answer bad input with 400
+        except (UnknownProject, ValueError, TypeError) as exc:  # KServe's protocols answer bad input with 400
             raise InvalidInput(str(exc)) from None
 
         chosen = [list(p.chosen) for p in classified.predictions]

@@ -125,16 +125,24 @@ class ModelRegistry:
         pointer = self.pointer(project) if served is None else None
         return pointer or self.zero_shot_version(spec)
 
-    def serving_summary(self) -> dict[str, str]:
+    def serving_summary(self, limit: Optional[int] = None) -> dict[str, str]:
+        """What serves each known project, from memory only (the store is never read here): the loaded
+        model, else the zero-shot version for its config (with the promoted version waiting to load, if
+        one was read). At most ``limit`` projects, the highest ids."""
+        projects = self.known_projects()
+        if limit is not None:
+            projects = projects[-limit:]
         summary = {}
-        for project in self.known_projects():
+        for project in projects:
             spec = self._specs.get(project)
             loaded = self.loaded(project)
-            summary[str(project)] = (
-                self.version_for(project, spec)
-                if spec
-                else (loaded.version if loaded else self.pointer(project) or "-")
-            )
+            pending = self._pointers.get(project)
+            if loaded is not None and (spec is None or _compatible(loaded, spec)):
+                summary[str(project)] = loaded.version
+            elif spec is not None:
+                summary[str(project)] = self.zero_shot_version(spec)
+            else:
+                summary[str(project)] = pending or "-"
         return summary
 
     # --- serving ------------------------------------------------------------------------------------

@@ -1,0 +1,333 @@
+"""Hostile input, faults and load against a real ``lsbert serve`` on 127.0.0.1 (bounded request loops).
+
+Each test attacks one class of problem in general, with several payloads, and checks that the server stays
+bounded and truthful: 4xx (never 5xx) for bad requests, ``/health`` always fast, one bad task never failing
+anyone else's predictions, and no route but the probes open without credentials when basic auth is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from lsbert.predictor.inference import InferenceQueue
+from tests.conftest import fixture
+
+CONFIG = fixture("predict-1-task.json")["body_json"]["label_config"]
+LIMIT = 256 * 1024  # MAX_REQUEST_BYTES of the attacked server
+HEALTH_BUDGET_S = 1.0  # Label Studio's timeout for /health
+
+
+@pytest.fixture(scope="module")
+def target(server_factory):
+    return server_factory(
+        {"TRAINING_LAUNCHER": "none", "MAX_REQUEST_BYTES": str(LIMIT)},
+        name="attacks",
+    )
+
+
+@pytest.fixture(scope="module")
+def guarded(server_factory):
+    return server_factory(
+        {"TRAINING_LAUNCHER": "none", "BASIC_AUTH_USER": "alice", "BASIC_AUTH_PASS": "s3cret-pass"},
+        name="attacks-auth",
+    )
+
+
+def post(server, path, raw: bytes, **kwargs):
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    kwargs.setdefault("timeout", 60)
+    return requests.post(server.url + path, data=raw, headers=headers, **kwargs)
+
+
+def timed_health(server, **kwargs) -> tuple[int, float]:
+    started = time.perf_counter()
+    response = requests.get(server.url + "/health", timeout=10, **kwargs)
+    return response.status_code, time.perf_counter() - started
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def predict_body(text: str, i: int = 1, project: str = "7.1") -> bytes:
+    return json.dumps(
+        {"project": project, "label_config": CONFIG, "tasks": [{"id": i, "data": {"text": text}}]}
+    ).encode()
+
+
+# --- /health never fails and never waits ---------------------------------------------------------------
+BAD_PROJECT_IDS = [
+    str(2**64),
+    f"{2**70}.1795871144",
+    2**63,
+    -3,
+    0,
+    "9" * 400,
+    "1e9",
+    " ",
+    [1],
+    {"id": 1},
+    True,
+    1.5,
+]
+
+
+@pytest.mark.parametrize("project", BAD_PROJECT_IDS, ids=lambda p: repr(p)[:24])
+def test_project_ids_label_studio_cannot_have_get_4xx_and_health_stays_up(target, project):
+    bodies = {
+        "/setup": {"project": project, "schema": CONFIG},
+        "/predict": {"project": project, "label_config": CONFIG, "tasks": [{"id": 1, "data": {"text": "hi"}}]},
+        "/webhook": {"action": "ANNOTATION_CREATED", "project": {"id": project, "label_config": CONFIG}},
+        "/train": {"project": project},
+    }
+    for path, body in bodies.items():
+        response = post(target, path, json.dumps(body).encode())
+        assert 400 <= response.status_code < 500, (path, response.status_code, response.text)
+    if not isinstance(project, float):  # "1.5" in a query string is the valid "<id>.<timestamp>" form
+        response = requests.get(target.url + "/versions", params={"project": str(project)}, timeout=10)
+        assert 400 <= response.status_code < 500, response.text
+    status, seconds = timed_health(target)
+    assert status == 200 and seconds < HEALTH_BUDGET_S
+
+
+def test_health_answers_fast_while_the_model_is_busy(target):
+    """/health comes from memory: under a stream of large predictions it stays far below Label Studio's 1 s."""
+    texts = [f"a long review number {i} " * 30 for i in range(200)]
+    body = json.dumps(
+        {
+            "project": "8.1",
+            "label_config": CONFIG,
+            "tasks": [{"id": i, "data": {"text": t}} for i, t in enumerate(texts)],
+        }
+    ).encode()
+    with ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(post, target, "/predict", body) for _ in range(3)]
+        timings = []
+        while not all(f.done() for f in busy) and len(timings) < 200:
+            status, seconds = timed_health(target)
+            assert status == 200
+            timings.append(seconds)
+            time.sleep(0.05)
+        assert all(f.result().status_code == 200 for f in busy)
+    assert timings and max(timings) < HEALTH_BUDGET_S, max(timings)
+
+
+# --- one bad task never fails anyone else ----------------------------------------------------------------
+UNTOKENIZABLE = ["\ud800", "before \udfff after", "\udc00\ud800\udbff", "nul\x00in the middle", "\ud83d"]
+
+
+@pytest.mark.parametrize("text", UNTOKENIZABLE, ids=range(len(UNTOKENIZABLE)))
+def test_text_the_tokenizer_cannot_take_is_cleaned(target, text):
+    response = post(target, "/predict", predict_body(text))
+    assert response.status_code == 200, response.text
+    [result] = response.json()["results"]
+    assert result["result"], "the cleaned text still gets a prediction"
+
+
+def test_a_bad_task_among_concurrent_requests_fails_no_one(target):
+    innocent = [predict_body(f"innocent request {i}: the product works well", i) for i in range(10)]
+    hostile = [predict_body(text, 100 + i) for i, text in enumerate(UNTOKENIZABLE)]
+    bodies = innocent + hostile
+    for _round in range(2):
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda raw: post(target, "/predict", raw), bodies))
+        assert [r.status_code for r in responses] == [200] * len(bodies), [
+            r.text for r in responses if r.status_code != 200
+        ]
+        assert all(r.json()["results"][0]["result"] for r in responses[: len(innocent)])
+
+
+def test_a_failing_merged_pass_is_split_so_the_others_get_answers():
+    """The inference queue runs requests merged into one forward pass alone when the pass fails."""
+
+    def run(texts):
+        if "poison" in texts:
+            raise RuntimeError("the model cannot take this input")
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    async def scenario():
+        queue = InferenceQueue(max_batch=64)
+        try:
+            # the first job occupies the worker, so the next ones queue up and are merged into one pass
+            first = asyncio.ensure_future(queue.run("k", ["warm"] * 4, run))
+            await asyncio.sleep(0)
+            jobs = [queue.run("k", [f"text {i}"], run) for i in range(8)]
+            jobs.insert(4, queue.run("k", ["poison"], run))
+            return await asyncio.gather(first, *jobs, return_exceptions=True)
+        finally:
+            queue.close()
+
+    results = asyncio.run(scenario())
+    failures = [r for r in results if isinstance(r, Exception)]
+    assert len(failures) == 1 and "cannot take" in str(failures[0])
+    assert sum(isinstance(r, np.ndarray) for r in results) == 9
+
+
+# --- 4xx, not 500, for wrong JSON types; one log line each ------------------------------------------
+DEEP = 5000
+MALFORMED = [
+    ("/predict", {"project": "1.1", "label_config": ["<View/>"], "tasks": []}),
+    ("/predict", {"project": "1.1", "label_config": {"xml": CONFIG}, "tasks": [{"data": {"text": "x"}}]}),
+    ("/predict", {"project": "1.1", "label_config": 42, "tasks": [{"data": {"text": "x"}}]}),
+    ("/predict", {"project": ["1"], "label_config": CONFIG, "tasks": []}),
+    ("/predict", {"project": "1.1", "label_config": CONFIG, "tasks": "all"}),
+    ("/setup", {"project": "1.1", "schema": ["<View/>"]}),
+    ("/setup", {"project": "1.1", "schema": {"a": 1}}),
+    ("/setup", {"project": {"id": 1}, "schema": CONFIG}),
+    ("/webhook", {"action": ["START_TRAINING"], "project": 1}),
+    ("/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": "x"}}),
+    ("/train", {"project": None}),
+    ("/v1/models/lsbert:predict", {"instances": ["a"], "parameters": ["labels", "x"]}),
+    ("/v1/models/lsbert:predict", {"instances": ["a"], "parameters": "labels=x,y"}),
+    ("/v1/models/lsbert:predict", {"instances": ["a"], "labels": 5}),
+    ("/v1/models/lsbert:predict", {"instances": ["a"], "labels": [{"x": 1}, ["y"]]}),
+    ("/v1/models/lsbert:predict", {"instances": ["a"], "labels": [f"label {i}" for i in range(5000)]}),
+    ("/v1/models/lsbert:predict", {"instances": ["a"], "project": [1]}),
+    ("/v1/models/lsbert:predict", {"instances": ["a"], "project": 2**80}),
+    ("/v1/models/lsbert:predict", {"instances": {"text": "a"}}),
+    ("/v1/models/lsbert:predict", [1, 2]),
+    (
+        "/v2/models/lsbert/infer",
+        {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}], "parameters": ["x"]},
+    ),
+]
+
+
+def _raw_corpus() -> list[tuple[str, bytes]]:
+    corpus = [(path, json.dumps(body).encode()) for path, body in MALFORMED]
+    for path in ("/predict", "/setup", "/webhook", "/train", "/v1/models/lsbert:predict", "/v2/models/lsbert/infer"):
+        corpus.append((path, b'{"project": "1.1", "tasks": ' + nested(DEEP) + b"}"))
+        corpus.append((path, nested(DEEP)))
+        corpus.append((path, b'{"a":' * DEEP + b"1" + b"}" * DEEP))
+    return corpus
+
+
+def test_malformed_corpus_gets_4xx_with_one_log_line_each(target):
+    before = len(target.log().splitlines())
+    corpus = _raw_corpus()
+    for path, raw in corpus:
+        response = post(target, path, raw)
+        assert 400 <= response.status_code < 500, (path, raw[:80], response.status_code, response.text[:200])
+        status, seconds = timed_health(target)
+        assert status == 200 and seconds < HEALTH_BUDGET_S
+    time.sleep(0.5)
+    new = target.log().splitlines()[before:]
+    assert not [line for line in new if "Traceback" in line], "\n".join(new[-60:])
+    # one line per client error (plus one access-log line per request), not a traceback each
+    assert len(new) <= 3 * (2 * len(corpus)) + 5, len(new)
+    assert "Deprecat" not in target.log()
+
+
+# --- bounded requests and state ---------------------------------------------------------------------------
+def test_a_body_over_the_limit_gets_413_before_it_is_read(target):
+    big = b'{"project": "1.1", "tasks": [' + b'{"data": {"text": "x"}},' * (LIMIT // 10) + b"{}]}"
+    assert len(big) > LIMIT
+    for path in ("/predict", "/setup", "/webhook", "/v1/models/lsbert:predict", "/v2/models/lsbert/infer"):
+        response = post(target, path, big)
+        assert response.status_code == 413, (path, response.text)
+
+    def chunks():  # no Content-Length: counted while it arrives
+        for _ in range(LIMIT // 4096 + 8):
+            yield b" " * 4096
+
+    response = requests.post(target.url + "/predict", data=chunks(), timeout=60)
+    assert response.status_code == 413
+    response = post(target, "/predict", predict_body("still serving"))
+    assert response.status_code == 200
+
+
+def test_invented_webhook_actions_do_not_grow_metrics(target):
+    for i in range(300):
+        response = post(target, "/webhook", json.dumps({"action": f"INVENTED_{i}_" + "x" * 50, "project": 3}).encode())
+        assert response.status_code == 200
+    text = requests.get(target.url + "/metrics", timeout=10).text
+    assert "INVENTED_" not in text
+    assert 'lsbert_webhook_events_total{action="other"} 300.0' in text
+
+
+def test_zero_shot_label_sets_are_bounded(target):
+    for count in (1001, 8000):
+        labels = [f"label {i}" for i in range(count)]
+        response = post(
+            target, "/v1/models/lsbert:predict", json.dumps({"instances": ["a"], "labels": labels}).encode()
+        )
+        assert response.status_code == 400
+    choices = "".join(f'<Choice value="c{i}"/>' for i in range(1500))
+    config = f'<View><Text name="text" value="$text"/><Choices name="s" toName="text">{choices}</Choices></View>'
+    response = post(target, "/setup", json.dumps({"project": "9.1", "schema": config}).encode())
+    assert 400 <= response.status_code < 500
+
+
+# --- no unauthenticated control -----------------------------------------------------------------------
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"alice:s3cret-pass").decode()}
+PROTECTED = [
+    ("POST", "/v2/repository/models/lsbert/unload", b""),
+    ("POST", "/v2/repository/models/lsbert/load", b""),
+    ("POST", "/v2/repository/index", b"{}"),
+    ("POST", "/v1/models/lsbert:predict", b'{"instances": ["a"], "labels": ["x", "y"]}'),
+    (
+        "POST",
+        "/v2/models/lsbert/infer",
+        b'{"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}],'
+        b' "parameters": {"labels": "x,y"}}',
+    ),
+    ("GET", "/v1/models", b""),
+    ("GET", "/v2/models/lsbert", b""),
+    ("GET", "/v2", b""),
+    ("GET", "/metrics", b""),
+    ("GET", "/docs", b""),
+    ("GET", "/openapi.json", b""),
+    ("GET", "/versions", b""),
+    ("POST", "/predict", predict_body("hello")),
+    ("POST", "/setup", b'{"project": 1}'),
+    ("POST", "/webhook", b'{"action": "START_TRAINING", "project": 1}'),
+]
+PROBES = ["/", "/health", "/v1/models/lsbert", "/v2/health/live", "/v2/health/ready", "/v2/models/lsbert/ready"]
+
+
+def test_every_route_but_the_probes_needs_credentials(guarded):
+    for method, path, raw in PROTECTED:
+        for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()}):
+            response = requests.request(method, guarded.url + path, data=raw, headers=headers, timeout=30)
+            assert response.status_code == 401, (method, path, response.status_code, response.text[:200])
+    for path in PROBES:
+        assert requests.get(guarded.url + path, timeout=10).status_code == 200, path
+    # the unload attempt above changed nothing: the model is still ready and answers
+    response = requests.post(
+        guarded.url + "/v1/models/lsbert:predict",
+        json={"instances": ["a"], "labels": ["x", "y"]},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert response.status_code == 200
+    assert requests.get(guarded.url + "/metrics", headers=AUTH, timeout=10).status_code == 200
+
+
+def test_health_without_credentials_says_only_up_and_ready(guarded):
+    setup = requests.post(guarded.url + "/setup", json={"project": "5.1", "schema": CONFIG}, headers=AUTH, timeout=30)
+    assert setup.status_code == 200
+    for path in ("/", "/health"):
+        anonymous = requests.get(guarded.url + path, timeout=10).json()
+        assert set(anonymous) <= {"status", "ready", "model_class"}, anonymous
+        assert anonymous["status"] == "UP" and anonymous["ready"] is True
+        full = requests.get(guarded.url + path, headers=AUTH, timeout=10).json()
+        assert full["serving"].get("5", "").startswith("zeroshot-"), full
+
+
+# --- predict while loading ---------------------------------------------------------------------------------
+def test_predict_sent_while_the_model_loads_waits_for_it(server_factory):
+    server = server_factory({"TRAINING_LAUNCHER": "none"}, wait_ready=False, name="attacks-loading")
+    health = requests.get(server.url + "/health", timeout=10).json()
+    response = post(server, "/predict", predict_body("sent as soon as the server answers"), timeout=100)
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["result"]
+    if health["ready"] is False:  # the request really was sent during the load
+        assert "503" not in server.log()
