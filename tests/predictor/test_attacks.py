@@ -331,3 +331,46 @@ def test_predict_sent_while_the_model_loads_waits_for_it(server_factory):
     assert response.json()["results"][0]["result"]
     if health["ready"] is False:  # the request really was sent during the load
         assert "503" not in server.log()
+
+
+# --- truthful versions when a promoted checkpoint cannot load ---------------------------------------------
+def test_a_checkpoint_that_cannot_load_is_reported_truthfully_and_retried_with_backoff(server_factory, tmp_path):
+    from lsbert.store.local import LocalStore
+    from tests.support.checkpoints import save_checkpoint
+    from tests.support.polling import wait_until
+
+    store = LocalStore(tmp_path / "store")
+    labels = ("Positive", "Negative")
+    save_checkpoint(store, 11, "ft-0001", labels, seed=1)
+    for weights in store.local_path(11, "ft-0001").glob("*.safetensors"):
+        weights.write_bytes(b"not a checkpoint")
+    store.promote(11, "ft-0001")
+    server = server_factory(
+        {"MODEL_DIR": str(store.root), "TRAINING_LAUNCHER": "none", "ROLLOUT_POLL_SECONDS": "0.5"}, name="broken"
+    )
+    setup = {"project": "11.1", "schema": CONFIG}
+    body = predict_body("the promoted checkpoint is broken", project="11.1")
+    for _ in range(15):
+        response = post(server, "/predict", body)
+        assert response.status_code == 200
+        served = response.json()["results"][0]["model_version"]
+        assert served.startswith("zeroshot-")
+        assert post(server, "/setup", json.dumps(setup).encode()).json()["model_version"] == served
+        time.sleep(0.2)
+    health = requests.get(server.url + "/health", timeout=5).json()
+    assert health["serving"]["11"] == served
+    assert health["load_failures"]["11"]["version"] == "ft-0001"
+    # retried with backoff (5 s, then 10 s, ...), not on every request or every 0.5 s poll
+    errors = [line for line in server.log().splitlines() if " ERROR " in line and "cannot load ft-0001" in line]
+    assert 1 <= len(errors) <= 2, errors
+    # a new promoted version is tried at once
+    save_checkpoint(store, 11, "ft-0002", labels, seed=2)
+    store.promote(11, "ft-0002")
+    wait_until(
+        lambda: post(server, "/setup", json.dumps(setup).encode()).json()["model_version"] == "ft-0002",
+        60,
+        "the predictor to serve ft-0002",
+        interval=0.3,
+    )
+    assert post(server, "/predict", body).json()["results"][0]["model_version"] == "ft-0002"
+    assert "load_failures" not in requests.get(server.url + "/health", timeout=5).json()

@@ -93,12 +93,15 @@ class LabelStudioEndpoints:
             return answer
         try:
             serving = self.service.registry.serving_summary(limit=HEALTH_PROJECTS)
+            failures = self.service.registry.load_failures()
             training = self.scheduler.status() if self.scheduler else {}
             if len(training) > HEALTH_PROJECTS:
                 training = dict(list(training.items())[-HEALTH_PROJECTS:])
         except Exception as exc:  # a bug in a summary must not turn the health check red
             log.error("health details unavailable: %s", exc)
-            serving, training = {}, {}
+            serving, training, failures = {}, {}, {}
+        if failures:
+            answer["load_failures"] = dict(list(failures.items())[:HEALTH_PROJECTS])
         answer.update(
             baseline=self.service.registry.baseline_name,
             projects=len(self.service.registry.known_projects()),
@@ -179,9 +182,14 @@ class LabelStudioEndpoints:
         names: list[str] = []
         training = self.scheduler.status() if self.scheduler else {}
         for pid in projects:
-            promoted = self.store.promoted(pid)
+            try:
+                promoted, infos = self.store.promoted(pid), self.store.versions(pid)
+            except Exception as exc:  # one unreadable project never fails the answer for the others
+                log.warning("/versions: cannot read project %s: %s", pid, exc)
+                details[str(pid)] = {"error": f"cannot read the project's checkpoints: {type(exc).__name__}"}
+                continue
             entries = []
-            for info in reversed(self.store.versions(pid)):
+            for info in reversed(infos):
                 names.append(info.version)
                 entries.append(
                     {
