@@ -374,3 +374,17 @@ def test_a_checkpoint_that_cannot_load_is_reported_truthfully_and_retried_with_b
     )
     assert post(server, "/predict", body).json()["results"][0]["model_version"] == "ft-0002"
     assert "load_failures" not in requests.get(server.url + "/health", timeout=5).json()
+
+
+def test_an_unloaded_model_fails_liveness_instead_of_staying_never_ready(server_factory):
+    server = server_factory(
+        {"TRAINING_LAUNCHER": "none", "BASIC_AUTH_USER": "alice", "BASIC_AUTH_PASS": "s3cret-pass"}, name="unload"
+    )
+    assert requests.post(server.url + "/v2/repository/models/lsbert/unload", timeout=10).status_code == 401
+    assert requests.get(server.url + "/", timeout=5).status_code == 200
+    response = requests.post(server.url + "/v2/repository/models/lsbert/unload", headers=AUTH, timeout=10)
+    assert response.status_code == 200
+    live = requests.get(server.url + "/", timeout=5)
+    assert live.status_code == 503 and live.json() == {"status": "DOWN", "model_class": "lsbert", "ready": False}
+    health = requests.get(server.url + "/health", timeout=5)
+    assert health.status_code == 200 and health.json()["ready"] is False

@@ -9,6 +9,7 @@ only known project (or ``DEFAULT_PROJECT``) is used.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any, Dict, Optional, Union
 
@@ -19,6 +20,8 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from lsbert.predictor.errors import UnknownProject
 from lsbert.predictor.service import PredictorService, parse_project_id
+
+log = logging.getLogger(__name__)
 
 
 def _texts(values: Any) -> list[str]:
@@ -56,6 +59,15 @@ class LsbertModel(Model):
         self.service.load()
         self.ready = True
         return self.ready
+
+    def stop(self) -> None:
+        """Called when KServe's model repository extension unloads the model (and at shutdown). lsbert
+        cannot be loaded back through that extension, so liveness fails from now on and the pod restarts
+        instead of staying alive but never ready."""
+        super().stop()
+        if not self.service.unloaded:
+            self.service.unloaded = True
+            log.error("model %s unloaded: not ready, and GET / (liveness) answers 503 from now on", self.name)
 
     async def predict(
         self,

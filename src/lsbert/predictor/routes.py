@@ -13,6 +13,7 @@ import time
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from lsbert import metrics
 from lsbert.labelconfig import LabelConfigError
@@ -88,7 +89,8 @@ class LabelStudioEndpoints:
     async def health(self, request: Request) -> dict[str, Any]:
         """Answered from memory only (never the store or the cluster), and never an error: Label Studio
         calls it before every /setup. Without credentials (basic auth on) only up and ready."""
-        answer: dict[str, Any] = {"status": "UP", "model_class": "lsbert", "ready": self.service.ready}
+        ready = self.service.ready and not self.service.unloaded
+        answer: dict[str, Any] = {"status": "UP", "model_class": "lsbert", "ready": ready}
         if not request.scope.get("state", {}).get("lsbert_authorized", True):
             return answer
         try:
@@ -108,6 +110,14 @@ class LabelStudioEndpoints:
             serving=serving,
             training=training,
         )
+        return answer
+
+    async def live(self, request: Request) -> Any:
+        """``GET /``: the health answer, and the liveness probe: 503 once the model was unloaded (it cannot
+        be loaded back), so that the pod is restarted rather than left alive but never ready."""
+        answer = await self.health(request)
+        if self.service.unloaded:
+            return JSONResponse({**answer, "status": "DOWN"}, status_code=503)
         return answer
 
     async def setup(self, request: Request) -> dict[str, Any]:
@@ -214,7 +224,7 @@ def register_label_studio_routes(
     guarded = APIRouter(prefix=prefix, dependencies=[Depends(auth)])
     open_router = APIRouter(prefix=prefix)
     open_router.add_api_route("/health", endpoints.health, methods=["GET"])
-    open_router.add_api_route("/", endpoints.health, methods=["GET"])
+    open_router.add_api_route("/", endpoints.live, methods=["GET"])
     guarded.add_api_route("/setup", endpoints.setup, methods=["POST"])
     guarded.add_api_route("/predict", endpoints.predict, methods=["POST"])
     guarded.add_api_route("/webhook", endpoints.webhook, methods=["POST"])

@@ -84,6 +84,7 @@ class PredictorService:
         self.cache_dir = cache_dir
         self.default_project = default_project
         self.ready = False
+        self.unloaded = False  # set once the model was unloaded through KServe's repository extension
         self._loaded = threading.Event()
         self._spec_cache: OrderedDict[str, ClassificationSpec] = OrderedDict()
         self._spec_cache_bytes = 0
