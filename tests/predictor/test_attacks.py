@@ -21,7 +21,7 @@ from lsbert.predictor.inference import InferenceQueue
 from tests.conftest import fixture
 
 CONFIG = fixture("predict-1-task.json")["body_json"]["label_config"]
-LIMIT = 256 * 1024  # MAX_REQUEST_BYTES of the attacked server
+LIMIT = 1024 * 1024  # MAX_REQUEST_BYTES of the attacked server
 HEALTH_BUDGET_S = 1.0  # Label Studio's timeout for /health
 
 
@@ -388,3 +388,25 @@ def test_an_unloaded_model_fails_liveness_instead_of_staying_never_ready(server_
     assert live.status_code == 503 and live.json() == {"status": "DOWN", "model_class": "lsbert", "ready": False}
     health = requests.get(server.url + "/health", timeout=5)
     assert health.status_code == 200 and health.json()["ready"] is False
+
+
+# --- small requests are not starved ----------------------------------------------------------------------
+def test_a_single_task_is_not_starved_by_a_bulk_request(target):
+    bulk_tasks = [
+        {"id": i, "data": {"text": f"bulk review {i}: " + "quite a long sentence here " * 6}} for i in range(4000)
+    ]
+    bulk = json.dumps({"project": "12.1", "label_config": CONFIG, "tasks": bulk_tasks}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        future = pool.submit(post, target, "/predict", bulk, timeout=600)
+        time.sleep(1.0)  # the bulk chunks are queued
+        singles = []
+        while not future.done() and len(singles) < 10:
+            t0 = time.perf_counter()
+            response = post(target, "/predict", predict_body("an annotator opens one task", project="12.1"))
+            assert response.status_code == 200
+            singles.append(time.perf_counter() - t0)
+        assert future.result().status_code == 200
+        bulk_seconds = time.perf_counter() - started
+    assert singles, "the bulk request finished before any single-task request was sent"
+    assert max(singles) < max(2.0, bulk_seconds / 4), (singles, bulk_seconds)
