@@ -410,3 +410,41 @@ def test_a_single_task_is_not_starved_by_a_bulk_request(target):
         bulk_seconds = time.perf_counter() - started
     assert singles, "the bulk request finished before any single-task request was sent"
     assert max(singles) < max(2.0, bulk_seconds / 4), (singles, bulk_seconds)
+
+
+# --- no blocking I/O on the event loop -----------------------------------------------------------------
+def test_a_store_that_never_answers_blocks_no_one(server_factory, tmp_path):
+    """The promotion pointer of one project is a FIFO nobody writes: reading it hangs for ever."""
+    import os
+
+    root = tmp_path / "store"
+    (root / "21").mkdir(parents=True)
+    fifo = root / "21" / "PROMOTED"
+    os.mkfifo(fifo)
+    server = server_factory({"MODEL_DIR": str(root), "TRAINING_LAUNCHER": "none"}, name="hung-store")
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            setups = [
+                pool.submit(post, server, "/setup", json.dumps({"project": "21.1", "schema": CONFIG}).encode())
+                for _ in range(3)
+            ]
+            predicts = [
+                pool.submit(post, server, "/predict", predict_body("hung store", project="21.1")) for _ in range(3)
+            ]
+            timings = []
+            while not all(f.done() for f in setups + predicts):
+                status, seconds = timed_health(server)
+                assert status == 200
+                timings.append(seconds)
+                # another project, with a readable store, is not held up
+                other = post(server, "/predict", predict_body("another project", project="22.1"), timeout=10)
+                assert other.status_code == 200
+                time.sleep(0.2)
+            for future in setups:
+                assert future.result().json()["model_version"].startswith("zeroshot-")
+            for future in predicts:
+                assert future.result().status_code == 200
+        assert max(timings) < HEALTH_BUDGET_S
+    finally:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # lets the hung read finish so the server can stop
+        os.close(fd)

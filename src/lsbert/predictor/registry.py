@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # (a new promoted version is tried at once).
 RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 600.0
+# How long a request waits for the checkpoint store to say which version is promoted.
+POINTER_READ_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -90,6 +92,7 @@ class ModelRegistry:
         self._loading: dict[tuple[int, str], asyncio.Future] = {}
         self._reported: dict[int, str] = {}  # zero-shot version last exported as a metric, per project
         self._failures: dict[tuple[int, str], LoadFailure] = {}
+        self._pointer_reads: dict[int, asyncio.Future] = {}
 
     # --- start-up ---------------------------------------------------------------------------------
     def load_baseline(self) -> None:
@@ -118,13 +121,29 @@ class ModelRegistry:
         self._pointers[project] = version
 
     def pointer(self, project: int) -> Optional[str]:
-        """The promoted version as last read from the store (read once if never read)."""
-        if project not in self._pointers:
-            try:
-                self._pointers[project] = self.store.promoted(project)
-            except StoreError as exc:
-                log.warning("cannot read the promoted version of project %s: %s", project, exc)
-                return None
+        """The promoted version as last read from the store; never reads the store (``read_pointer`` does)."""
+        return self._pointers.get(project)
+
+    async def read_pointer(self, project: int, timeout: float = POINTER_READ_TIMEOUT_S) -> Optional[str]:
+        """The promoted version, read from the store once per project off the event loop (then kept up to
+        date by the rollout watcher). A store that does not answer within ``timeout`` leaves it unknown."""
+        if project in self._pointers:
+            return self._pointers[project]
+        # One read per project at a time, however many requests ask: a store that hangs holds one thread.
+        read = self._pointer_reads.get(project)
+        if read is None:
+            read = asyncio.ensure_future(asyncio.to_thread(self.store.promoted, project))
+            self._pointer_reads[project] = read
+            read.add_done_callback(lambda _f: self._pointer_reads.pop(project, None))
+        try:
+            version = await asyncio.wait_for(asyncio.shield(read), timeout)
+        except asyncio.TimeoutError:
+            log.warning("project %s: the checkpoint store did not say the promoted version in %.0fs", project, timeout)
+            return None
+        except (StoreError, OSError) as exc:
+            log.warning("cannot read the promoted version of project %s: %s", project, exc)
+            return None
+        self._pointers.setdefault(project, version)
         return self._pointers[project]
 
     def loaded(self, project: int) -> Optional[Served]:
@@ -207,7 +226,7 @@ class ModelRegistry:
     async def acquire(self, project: int, spec: ClassificationSpec) -> Served:
         served = self.loaded(project)
         if served is None:
-            version = self.pointer(project)
+            version = await self.read_pointer(project)
             if version and self.load_due(project, version):
                 try:
                     served = await self.ensure_loaded(project, version)

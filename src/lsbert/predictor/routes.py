@@ -127,6 +127,7 @@ class LabelStudioEndpoints:
             schema = body.get("schema")
             if schema is not None and not isinstance(schema, str):
                 raise BadRequest("'schema' must be the labelling config as an XML string")
+            await self.service.registry.read_pointer(project)  # off the event loop, bounded
             version = self.service.setup(project, schema)
             return {"model_version": version}
 

@@ -226,7 +226,7 @@ class PredictorService:
         if remembered is not None:
             return await self._classify(project, remembered, texts)
         served = self.registry.loaded(project)
-        version = self.registry.pointer(project)
+        version = await self.registry.read_pointer(project)
         if served is None and version:
             served = await self.registry.ensure_loaded(project, version)
         if served is None:
