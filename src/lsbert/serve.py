@@ -118,10 +118,23 @@ def build(settings: Settings) -> Predictor:
             every_n_updates=settings.start_training_each_n_updates,
             version_name=settings.finetuned_model_name,
             on_finished=restart.on_run_finished if restart is not None else watcher.notify,
+            max_concurrent=settings.max_concurrent_training_runs,
+            refuse=_training_refusal(settings),
         )
     endpoints = LabelStudioEndpoints(service, scheduler, store, load_wait_seconds=settings.model_load_wait_seconds)
     model = LsbertModel(settings.model_name, service)
     return Predictor(model, endpoints, scheduler, watcher, service, restart)
+
+
+def _training_refusal(settings: Settings) -> Optional[str]:
+    """Why no training run could succeed with these settings (the trainer reads the annotations from
+    Label Studio), or None."""
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        return (
+            "training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: the trainer reads the annotations from "
+            "Label Studio"
+        )
+    return None
 
 
 async def _load_and_start(

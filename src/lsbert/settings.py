@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN")
     )
     start_training_each_n_updates: int = Field(10, ge=0)
+    max_concurrent_training_runs: int = Field(
+        2, ge=0, description="Training runs at once across all projects (the rest wait in turn); 0 = no limit."
+    )
     # 5e-5 (the top of the BERT paper's range) rather than upstream's 2e-5: with a few hundred annotations
     # 2e-5 left MiniLM at chance after 3 epochs (bench/loop.py), 5e-5 reached 0.76 held-out accuracy.
     learning_rate: float = Field(5e-5, gt=0, lt=1)

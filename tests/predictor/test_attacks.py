@@ -12,6 +12,7 @@ import base64
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -448,3 +449,77 @@ def test_a_store_that_never_answers_blocks_no_one(server_factory, tmp_path):
     finally:
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # lets the hung read finish so the server can stop
         os.close(fd)
+
+
+# --- training is bounded across projects -----------------------------------------------------------------
+def test_start_training_that_cannot_succeed_is_refused_early(server_factory):
+    """Without a Label Studio URL and key no run can read its annotations: none is started, whatever comes."""
+    server = server_factory({"TRAINING_LAUNCHER": "local"}, name="no-label-studio")
+    for project in range(1, 13):
+        body = {"action": "START_TRAINING", "project": {"id": project}}
+        response = post(server, "/webhook", json.dumps(body).encode())
+        assert response.status_code == 200 and response.json()["status"] == "error"
+        assert "LABEL_STUDIO_URL" in response.json()["message"]
+        status, seconds = timed_health(server)
+        assert status == 200 and seconds < HEALTH_BUDGET_S
+    training = requests.get(server.url + "/health", timeout=5).json()["training"]
+    assert len(training) == 12
+    assert all(t["active"] is None and "LABEL_STUDIO_URL" in t["last"]["message"] for t in training.values())
+    runs = Path(server.env["CACHE_DIR"]) / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "no training process was started"
+
+
+def test_concurrent_runs_are_bounded_and_waiting_projects_take_turns(tmp_path):
+    """Real child processes (the scheduler tests' gate command) under a global limit of 2."""
+    import sys
+
+    from lsbert.launcher.local import LocalLauncher
+    from lsbert.launcher.scheduler import TrainingScheduler
+    from lsbert.store.local import LocalStore
+    from tests.support.polling import until
+
+    gate = Path(__file__).parent.parent / "launcher" / "gate.py"
+
+    def started() -> list[int]:
+        files = sorted(tmp_path.glob("started-*"), key=lambda p: p.stat().st_mtime_ns)
+        return [int(p.read_text()) for p in files]
+
+    async def scenario():
+        scheduler = TrainingScheduler(
+            LocalLauncher(tmp_path / "logs", command=[sys.executable, str(gate), str(tmp_path)]),
+            LocalStore(tmp_path / "store"),
+            every_n_updates=0,
+            version_name="ft",
+            poll_seconds=0.05,
+            max_concurrent=2,
+        )
+        answers = []
+        for project in range(1, 7):
+            answers.append(await scheduler.handle_event("START_TRAINING", project, {}))
+            await asyncio.sleep(0.05)
+        # pressing again while waiting keeps one pending request per project
+        for _ in range(5):
+            assert (await scheduler.handle_event("START_TRAINING", 3, {}))["status"] == "queued"
+        await until(lambda: len(started()) == 2)
+        await asyncio.sleep(0.5)
+        assert sorted(started()) == [1, 2]
+        assert [a["status"] for a in answers[2:]] == ["queued"] * 4
+        assert scheduler.status()["3"]["waiting_for_slot"] is True
+        peak = 0
+
+        async def watch():
+            nonlocal peak
+            while True:
+                peak = max(peak, sum(1 for s in scheduler.status().values() if s["active"]))
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.ensure_future(watch())
+        (tmp_path / "release-ft-0001").write_text("")  # every run now finishes as soon as it starts
+        await until(lambda: all(s["last"] and not s["active"] for s in scheduler.status().values()), timeout=60)
+        watcher.cancel()
+        assert peak <= 2
+        assert sorted(started()[:2]) == [1, 2] and sorted(started()[2:]) == [3, 4, 5, 6]
+        assert {p: s["runs_started"] for p, s in scheduler.status().items()} == {str(p): 1 for p in range(1, 7)}
+        await scheduler.close()
+
+    asyncio.run(scenario())
