@@ -104,6 +104,7 @@ def build(settings: Settings) -> Predictor:
         label_studio_url=settings.label_studio_url,
         label_studio_api_key=api_key.get_secret_value() if api_key else None,
         cache_dir=Path(settings.cache_dir),
+        url_allowed_hosts=[h.strip() for h in settings.text_url_allowed_hosts.split(",") if h.strip()],
     )
     watcher = RolloutWatcher(registry, store, settings.rollout_poll_seconds)
     launcher = make_launcher(settings)

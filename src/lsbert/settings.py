@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     predict_batch_size: int = Field(64, ge=1, le=4096)
     multi_label_threshold: float = Field(0.5, gt=0, lt=1)
     max_loaded_models: int = Field(4, ge=1)
+    text_url_allowed_hosts: str = Field(
+        "", description="Comma-separated hosts besides Label Studio's that <Text valueType=url> links may point to."
+    )
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest request body accepted; a larger one gets 413 unread."
     )

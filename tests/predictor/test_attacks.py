@@ -523,3 +523,79 @@ def test_concurrent_runs_are_bounded_and_waiting_projects_take_turns(tmp_path):
         await scheduler.close()
 
     asyncio.run(scenario())
+
+
+# --- <Text valueType="url"> works, safely ------------------------------------------------------------------
+def _http_server(routes: dict, seen: list):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.server.server_port, self.path, self.headers.get("Authorization")))
+            route = routes.get(self.path)
+            if route is None:
+                self.send_response(404)
+                self.end_headers()
+                return
+            status, headers, body = route()
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def test_url_texts_are_fetched_from_label_studio_only_with_limits(server_factory):
+    seen: list = []
+    storage_routes = {"/bucket/review.txt": lambda: (200, {}, b"a wonderful, delightful product")}
+    storage = _http_server(storage_routes, seen)
+    storage_url = f"http://127.0.0.1:{storage.server_port}"
+    big = b"x" * (5 * 1024 * 1024)
+    ls_routes = {
+        "/data/upload/1/review.txt": lambda: (200, {"Content-Type": "text/plain"}, b"terrible, it broke at once"),
+        "/data/upload/1/big.txt": lambda: (200, {}, big),
+        "/storage/presign": lambda: (302, {"Location": storage_url + "/bucket/review.txt"}, b""),
+    }
+    label_studio = _http_server(ls_routes, seen)
+    ls_url = f"http://127.0.0.1:{label_studio.server_port}"
+    try:
+        server = server_factory(
+            {"TRAINING_LAUNCHER": "none", "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": "ls-key-123"},
+            name="url-texts",
+        )
+        config = CONFIG.replace('value="$text"', 'value="$text" valueType="url"')
+        assert 'valueType="url"' in config
+        links = [
+            ls_url + "/data/upload/1/review.txt",  # on Label Studio's host
+            "/data/upload/1/review.txt",  # relative to it
+            ls_url + "/storage/presign",  # a storage redirect issued by Label Studio
+            storage_url + "/bucket/review.txt",  # another host: refused
+            ls_url + "/data/upload/1/big.txt",  # over the size limit
+            "file:///etc/passwd",
+            "http://169.254.169.254/latest/meta-data/",
+        ]
+        tasks = [{"id": i, "data": {"text": link}} for i, link in enumerate(links)]
+        body = json.dumps({"project": "31.1", "label_config": config, "tasks": tasks}).encode()
+        response = post(server, "/predict", body)
+        assert response.status_code == 200, response.text
+        filled = [bool(r["result"]) for r in response.json()["results"]]
+        assert filled == [True, True, True, False, False, False, False]
+        # the key went to Label Studio only; the storage host was reached only through the redirect
+        to_storage = [s for s in seen if s[0] == storage.server_port]
+        assert len(to_storage) == 1 and to_storage[0][2] is None
+        assert all(s[2] == "Token ls-key-123" for s in seen if s[0] == label_studio.server_port)
+        # cached: the same links again reach no server
+        before = len(seen)
+        assert post(server, "/predict", body).status_code == 200
+        assert [s[1] for s in seen[before:]] == ["/data/upload/1/big.txt"]  # only the refused one is retried
+    finally:
+        storage.shutdown()
+        label_studio.shutdown()

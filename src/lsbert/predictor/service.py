@@ -75,6 +75,7 @@ class PredictorService:
         cache_dir: Path = Path(".lsbert-cache"),
         max_batch: int = 256,
         default_project: Optional[int] = None,
+        url_allowed_hosts: Sequence[str] = (),
     ):
         self.registry = registry
         self.threshold = threshold
@@ -83,6 +84,7 @@ class PredictorService:
         self.label_studio_api_key = label_studio_api_key
         self.cache_dir = cache_dir
         self.default_project = default_project
+        self.url_allowed_hosts = tuple(url_allowed_hosts)
         self.ready = False
         self.unloaded = False  # set once the model was unloaded through KServe's repository extension
         self._loaded = threading.Event()
@@ -166,6 +168,7 @@ class PredictorService:
                         hostname=self.label_studio_url,
                         api_key=self.label_studio_api_key,
                         cache_dir=self.cache_dir / "task-data",
+                        allowed_hosts=self.url_allowed_hosts,
                     )
                 except TextSourceError as exc:
                     text, reason = None, str(exc)
