@@ -599,3 +599,53 @@ def test_url_texts_are_fetched_from_label_studio_only_with_limits(server_factory
     finally:
         storage.shutdown()
         label_studio.shutdown()
+
+
+# --- crash recovery of the local launcher ----------------------------------------------------------------
+def test_a_restarted_predictor_adopts_the_run_it_left_behind(tmp_path):
+    """A first launcher starts a run and is abandoned (as by ``kill -9`` of the predictor); a second one, on
+    the same run directory, adopts the still running child: Start Training starts no second run."""
+    import sys
+
+    from lsbert.launcher.local import LocalLauncher
+    from lsbert.launcher.scheduler import TrainingScheduler
+    from lsbert.store.local import LocalStore
+    from tests.support.polling import until
+
+    gate = Path(__file__).parent.parent / "launcher" / "gate.py"
+    command = [sys.executable, str(gate), str(tmp_path)]
+    store = LocalStore(tmp_path / "store")
+    crashed = LocalLauncher(tmp_path / "runs", command=command)
+    first = crashed.launch(3, store.next_version(3, "ft"), [])
+    assert first.phase.value == "running"
+
+    async def scenario():
+        finished = []
+
+        async def on_finished(project, run):
+            finished.append((project, run.version, run.phase.value))
+
+        scheduler = TrainingScheduler(
+            LocalLauncher(tmp_path / "runs", command=command),
+            store,
+            every_n_updates=0,
+            version_name="ft",
+            poll_seconds=0.05,
+            on_finished=on_finished,
+        )
+        await scheduler.adopt_active_runs()
+        assert scheduler.status()["3"]["active"]["version"] == first.version
+        for _ in range(3):
+            answer = await scheduler.handle_event("START_TRAINING", 3, {})
+            assert answer["status"] == "queued" and answer["job"] == first.run_id
+        await asyncio.sleep(0.5)
+        assert len(list(tmp_path.glob("started-*"))) == 1  # no duplicate run
+        (tmp_path / f"release-{first.version}").write_text("")
+        await until(lambda: finished, timeout=30)
+        assert finished[0] == (3, first.version, "succeeded")
+        await scheduler.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        crashed.close()
