@@ -104,6 +104,7 @@ def build(settings: Settings) -> Predictor:
         label_studio_url=settings.label_studio_url,
         label_studio_api_key=api_key.get_secret_value() if api_key else None,
         cache_dir=Path(settings.cache_dir),
+        url_allowed_hosts=[h.strip() for h in settings.text_url_allowed_hosts.split(",") if h.strip()],
     )
     watcher = RolloutWatcher(registry, store, settings.rollout_poll_seconds)
     launcher = make_launcher(settings)
@@ -118,10 +119,23 @@ def build(settings: Settings) -> Predictor:
             every_n_updates=settings.start_training_each_n_updates,
             version_name=settings.finetuned_model_name,
             on_finished=restart.on_run_finished if restart is not None else watcher.notify,
+            max_concurrent=settings.max_concurrent_training_runs,
+            refuse=_training_refusal(settings),
         )
-    endpoints = LabelStudioEndpoints(service, scheduler, store)
+    endpoints = LabelStudioEndpoints(service, scheduler, store, load_wait_seconds=settings.model_load_wait_seconds)
     model = LsbertModel(settings.model_name, service)
     return Predictor(model, endpoints, scheduler, watcher, service, restart)
+
+
+def _training_refusal(settings: Settings) -> Optional[str]:
+    """Why no training run could succeed with these settings (the trainer reads the annotations from
+    Label Studio), or None."""
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        return (
+            "training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: the trainer reads the annotations from "
+            "Label Studio"
+        )
+    return None
 
 
 async def _load_and_start(
@@ -157,18 +171,36 @@ def serve(host: str = "127.0.0.1", port: int = 9090, settings: Optional[Settings
     from transformers.utils import logging as hf_logging
 
     from lsbert.predictor.auth import BasicAuth
+    from lsbert.predictor.errors import install_kserve_error_handlers
+    from lsbert.predictor.guard import Guard
     from lsbert.predictor.routes import register_label_studio_routes
 
+    _quiet_deprecations()
     hf_logging.disable_progress_bar()
     predictor = build(settings)
     password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else None
-    register_label_studio_routes(app, predictor.endpoints, BasicAuth(settings.basic_auth_user, password))
+    auth = BasicAuth(settings.basic_auth_user, password)
+    open_paths = ("/metrics",) if settings.metrics_without_auth else ()
+    max_bytes = settings.max_request_bytes
+    register_label_studio_routes(app, predictor.endpoints, auth)
+
+    class Server(RESTServer):
+        """KServe's REST server with lsbert's guard outermost and one-line logs for client errors."""
+
+        def _add_middlewares(self, app: Any) -> None:
+            super()._add_middlewares(app)
+            app.add_middleware(Guard, auth=auth, max_bytes=max_bytes, open_paths=open_paths)
+
+        def _add_exception_handlers(self, app: Any) -> None:
+            super()._add_exception_handlers(app)
+            install_kserve_error_handlers(app)
+
     server = ModelServer(
         http_port=port, enable_grpc=False, workers=1, max_asyncio_workers=settings.threads, enable_docs_url=False
     )
     logs.configure(settings.log_level, _secrets(settings))
     server.register_model(predictor.model)
-    rest = RESTServer(
+    rest = Server(
         "kserve.model_server:app",
         server.dataplane,
         server.model_repository_extension,
@@ -204,6 +236,13 @@ def serve(host: str = "127.0.0.1", port: int = 9090, settings: Optional[Settings
     )
     asyncio.run(main())
     return 0
+
+
+def _quiet_deprecations() -> None:
+    """KServe answers with FastAPI's ORJSONResponse, which FastAPI deprecates: nothing an operator can act on."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*ORJSONResponse is deprecated.*")
 
 
 def _version() -> str:

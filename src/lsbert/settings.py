@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN")
     )
     start_training_each_n_updates: int = Field(10, ge=0)
+    max_concurrent_training_runs: int = Field(
+        2, ge=0, description="Training runs at once across all projects (the rest wait in turn); 0 = no limit."
+    )
     # 5e-5 (the top of the BERT paper's range) rather than upstream's 2e-5: with a few hundred annotations
     # 2e-5 left MiniLM at chance after 3 epochs (bench/loop.py), 5e-5 reached 0.76 held-out accuracy.
     learning_rate: float = Field(5e-5, gt=0, lt=1)
@@ -71,6 +74,18 @@ class Settings(BaseSettings):
     predict_batch_size: int = Field(64, ge=1, le=4096)
     multi_label_threshold: float = Field(0.5, gt=0, lt=1)
     max_loaded_models: int = Field(4, ge=1)
+    text_url_allowed_hosts: str = Field(
+        "", description="Comma-separated hosts besides Label Studio's that <Text valueType=url> links may point to."
+    )
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body accepted; a larger one gets 413 unread."
+    )
+    metrics_without_auth: bool = Field(
+        False, description="Serve /metrics without basic auth (for a Prometheus that scrapes without credentials)."
+    )
+    model_load_wait_seconds: float = Field(
+        60.0, ge=0, le=90, description="How long /predict waits for the baseline model still loading before 503."
+    )
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = all available cores.")
     torch_compile: bool = Field(False, description="torch.compile served models on CUDA (slower model loads).")
     train_batch_size: int = Field(16, ge=1, le=4096)

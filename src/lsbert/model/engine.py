@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Upper bound on padded tokens per forward pass; keeps memory flat for batches of long texts.
 TOKEN_BUDGET = 16384
+# Upper bound on the bytes of cached zero-shot label embeddings (the most recently used label set is kept).
+LABEL_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class BatchedEncoder:
@@ -158,7 +161,8 @@ class ZeroShotClassifier:
         self.name = name
         length = truncation_length(tokenizer, model.config, max_length)
         self.encoder = BatchedEncoder(tokenizer, model, runtime, length, batch_size)
-        self._label_cache: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self._label_cache: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._label_cache_bytes = 0
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         def forward(batch: dict) -> torch.Tensor:
@@ -173,11 +177,18 @@ class ZeroShotClassifier:
         return self.encoder.run(texts, forward)
 
     def label_embeddings(self, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of a label set, kept in an LRU bounded by ``LABEL_CACHE_BYTES``."""
         cached = self._label_cache.get(labels)
-        if cached is None:
-            embedded = self.embed([self.TEMPLATE.format(label) for label in labels])
-            bias = (self.embed(list(self.ANCHORS)) @ embedded.T).mean(axis=0)
-            cached = self._label_cache[labels] = (embedded, bias)
+        if cached is not None:
+            self._label_cache.move_to_end(labels)
+            return cached
+        embedded = self.embed([self.TEMPLATE.format(label) for label in labels])
+        bias = (self.embed(list(self.ANCHORS)) @ embedded.T).mean(axis=0)
+        cached = self._label_cache[labels] = (embedded, bias)
+        self._label_cache_bytes += _entry_bytes(labels, cached)
+        while len(self._label_cache) > 1 and self._label_cache_bytes > LABEL_CACHE_BYTES:
+            old_labels, old = self._label_cache.popitem(last=False)
+            self._label_cache_bytes -= _entry_bytes(old_labels, old)
         return cached
 
     def predict_proba(self, texts: Sequence[str], labels: tuple[str, ...], multi_label: bool) -> np.ndarray:
@@ -195,6 +206,10 @@ class ZeroShotClassifier:
 
     def warm_up(self) -> None:
         self.embed(["warm up " * n for n in (1, 8, 32)])
+
+
+def _entry_bytes(labels: tuple[str, ...], entry: tuple[np.ndarray, np.ndarray]) -> int:
+    return entry[0].nbytes + entry[1].nbytes + sum(len(label) for label in labels)
 
 
 def predict_proba(encoder: BatchedEncoder, texts: Sequence[str], multi_label: bool) -> np.ndarray:

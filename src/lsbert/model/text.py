@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Sequence
 
 from transformers import AutoTokenizer
@@ -12,6 +13,7 @@ CHARS_PER_TOKEN_CAP = 24
 # Model types whose position ids start after the padding index, so two positions are never usable.
 _POSITION_OFFSET_TYPES = frozenset({"roberta", "xlm-roberta", "camembert"})
 _FALLBACK_MAX_LENGTH = 512
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _MIN_MAX_LENGTH = 8
 
 
@@ -37,7 +39,20 @@ def truncation_length(tokenizer: Any, config: Any, requested: int = 0) -> int:
     return max(_MIN_MAX_LENGTH, min(limits)) if limits else _FALLBACK_MAX_LENGTH
 
 
+def clean(text: Any) -> str:
+    """A text the tokenizer always takes: a string, valid UTF-8 (lone surrogates, which JSON can carry,
+    become U+FFFD) and without NUL characters."""
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _SURROGATE.sub("\ufffd", text)
+    return text.replace("\x00", " ")
+
+
 def clip(texts: Sequence[str], length: int) -> list[str]:
-    """Each text cut to what ``length`` tokens can use (``CHARS_PER_TOKEN_CAP`` characters per token)."""
+    """Each text cleaned (see ``clean``) and cut to what ``length`` tokens can use (``CHARS_PER_TOKEN_CAP``
+    characters per token)."""
     cap = length * CHARS_PER_TOKEN_CAP
-    return [t[:cap] for t in texts]
+    return [clean(t[:cap] if isinstance(t, str) else t) for t in texts]

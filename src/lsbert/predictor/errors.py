@@ -8,10 +8,14 @@ convention instead and answers every bad request there with ``InvalidInput``.
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from lsbert.labelconfig import LabelConfigError
+
+log = logging.getLogger(__name__)
 
 
 class BadRequest(ValueError):
@@ -54,11 +58,50 @@ def http_error(exc: Exception) -> tuple[int, str]:
     return 500, f"{type(exc).__name__}: {exc}"
 
 
-async def _answer(_request: Request, exc: Exception) -> JSONResponse:
+def _log_line(request: Request, status: int, detail: str) -> None:
+    """One line per client error or not-ready answer: the request, the status and why."""
+    log.warning("%s %s -> %d: %s", request.method, request.url.path, status, detail[:300])
+
+
+async def _answer(request: Request, exc: Exception) -> JSONResponse:
     status, detail = http_error(exc)
+    _log_line(request, status, detail)
     return JSONResponse({"detail": detail}, status_code=status)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     for kind in HTTP_ERRORS:
         app.add_exception_handler(kind, _answer)
+
+
+def install_kserve_error_handlers(app: FastAPI) -> None:
+    """KServe's own handlers, answering as KServe does (``{"error": message}``), but logging a client error
+    or a not-ready answer as one line instead of a full traceback. Server errors keep their traceback."""
+    from kserve.errors import (
+        InvalidInput,
+        ModelNotFound,
+        ModelNotReady,
+        ServerNotLive,
+        ServerNotReady,
+        UnsupportedProtocol,
+    )
+
+    statuses: dict[type[Exception], int] = {
+        InvalidInput: 400,
+        UnsupportedProtocol: 400,
+        ModelNotFound: 404,
+        NotImplementedError: 501,
+        ModelNotReady: 503,
+        ServerNotReady: 503,
+        ServerNotLive: 503,
+    }
+
+    def handler(status: int):
+        async def answer(request: Request, exc: Exception) -> JSONResponse:
+            _log_line(request, status, str(exc))
+            return JSONResponse({"error": str(exc)}, status_code=status)
+
+        return answer
+
+    for kind, status in statuses.items():
+        app.add_exception_handler(kind, handler(status))

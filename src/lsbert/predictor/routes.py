@@ -13,6 +13,7 @@ import time
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from lsbert import metrics
 from lsbert.labelconfig import LabelConfigError
@@ -30,6 +31,30 @@ from lsbert.predictor.service import PredictorService, parse_project_id
 log = logging.getLogger(__name__)
 
 MAX_TASKS = 100_000
+# Webhook actions Label Studio sends; any other value is counted under "other" so that invented actions
+# cannot grow /metrics without bound.
+KNOWN_ACTIONS = frozenset(
+    {
+        "ANNOTATION_CREATED",
+        "ANNOTATIONS_CREATED",
+        "ANNOTATION_UPDATED",
+        "ANNOTATIONS_DELETED",
+        "TASKS_CREATED",
+        "TASKS_DELETED",
+        "PROJECT_CREATED",
+        "PROJECT_UPDATED",
+        "PROJECT_DELETED",
+        "START_TRAINING",
+        "LABEL_LINK_CREATED",
+        "LABEL_LINK_UPDATED",
+        "LABEL_LINK_DELETED",
+        "REVIEW_CREATED",
+        "REVIEW_UPDATED",
+        "REVIEWS_DELETED",
+    }
+)
+# Projects listed one by one in /health; beyond that only their number.
+HEALTH_PROJECTS = 100
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -40,6 +65,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
@@ -53,26 +80,55 @@ def _project(value: Any, where: str) -> int:
 
 
 class LabelStudioEndpoints:
-    def __init__(self, service: PredictorService, scheduler=None, store=None):
+    def __init__(self, service: PredictorService, scheduler=None, store=None, load_wait_seconds: float = 60.0):
         self.service = service
         self.scheduler = scheduler
         self.store = store
+        self.load_wait_seconds = load_wait_seconds
 
-    async def health(self) -> dict[str, Any]:
-        return {
-            "status": "UP",
-            "model_class": "lsbert",
-            "ready": self.service.ready,
-            "baseline": self.service.registry.baseline_name,
-            "serving": self.service.registry.serving_summary(),
-            "training": self.scheduler.status() if self.scheduler else {},
-        }
+    async def health(self, request: Request) -> dict[str, Any]:
+        """Answered from memory only (never the store or the cluster), and never an error: Label Studio
+        calls it before every /setup. Without credentials (basic auth on) only up and ready."""
+        ready = self.service.ready and not self.service.unloaded
+        answer: dict[str, Any] = {"status": "UP", "model_class": "lsbert", "ready": ready}
+        if not request.scope.get("state", {}).get("lsbert_authorized", True):
+            return answer
+        try:
+            serving = self.service.registry.serving_summary(limit=HEALTH_PROJECTS)
+            failures = self.service.registry.load_failures()
+            training = self.scheduler.status() if self.scheduler else {}
+            if len(training) > HEALTH_PROJECTS:
+                training = dict(list(training.items())[-HEALTH_PROJECTS:])
+        except Exception as exc:  # a bug in a summary must not turn the health check red
+            log.error("health details unavailable: %s", exc)
+            serving, training, failures = {}, {}, {}
+        if failures:
+            answer["load_failures"] = dict(list(failures.items())[:HEALTH_PROJECTS])
+        answer.update(
+            baseline=self.service.registry.baseline_name,
+            projects=len(self.service.registry.known_projects()),
+            serving=serving,
+            training=training,
+        )
+        return answer
+
+    async def live(self, request: Request) -> Any:
+        """``GET /``: the health answer, and the liveness probe: 503 once the model was unloaded (it cannot
+        be loaded back), so that the pod is restarted rather than left alive but never ready."""
+        answer = await self.health(request)
+        if self.service.unloaded:
+            return JSONResponse({**answer, "status": "DOWN"}, status_code=503)
+        return answer
 
     async def setup(self, request: Request) -> dict[str, Any]:
         with metrics.REQUEST_SECONDS.labels("setup").time():
             body = await _json_body(request)
             project = _project(body.get("project"), "setup")
-            version = self.service.setup(project, body.get("schema"))
+            schema = body.get("schema")
+            if schema is not None and not isinstance(schema, str):
+                raise BadRequest("'schema' must be the labelling config as an XML string")
+            await self.service.registry.read_pointer(project)  # off the event loop, bounded
+            version = self.service.setup(project, schema)
             return {"model_version": version}
 
     async def predict(self, request: Request) -> dict[str, Any]:
@@ -83,13 +139,18 @@ class LabelStudioEndpoints:
             raise BadRequest("'tasks' must be a list of Label Studio tasks")
         if len(tasks) > MAX_TASKS:
             raise TooManyTasks(f"{len(tasks)} tasks in one request; at most {MAX_TASKS}")
-        if not self.service.ready:
-            raise NotReady("the model is still loading; retry in a few seconds")
         project_field = body.get("project")
         if project_field is None and tasks and isinstance(tasks[0], dict):
             project_field = tasks[0].get("project")
         project = _project(project_field, "predict")
-        spec = self.service.resolve_spec(project, body.get("label_config"))
+        label_config = body.get("label_config")
+        if label_config is not None and not isinstance(label_config, str):
+            raise BadRequest("'label_config' must be the labelling config as an XML string")
+        # Label Studio does not retry a failed /predict: a request that comes while the baseline is still
+        # loading waits for it (bounded) rather than failing.
+        if not await self.service.wait_ready(self.load_wait_seconds):
+            raise NotReady("the model is still loading; retry in a few seconds")
+        spec = self.service.resolve_spec(project, label_config)
         version, results = await self.service.predict_tasks(project, spec, tasks)
         metrics.REQUEST_SECONDS.labels("predict").observe(time.perf_counter() - started)
         return {"results": results, "model_version": version}
@@ -99,7 +160,7 @@ class LabelStudioEndpoints:
         action = body.get("action")
         if not isinstance(action, str) or not action:
             raise BadRequest("a webhook body needs an 'action'")
-        metrics.WEBHOOK_EVENTS.labels(action).inc()
+        metrics.WEBHOOK_EVENTS.labels(action if action in KNOWN_ACTIONS else "other").inc()
         project_obj = body.get("project")
         project_value = project_obj.get("id") if isinstance(project_obj, dict) else project_obj
         if project_value is None:
@@ -132,9 +193,14 @@ class LabelStudioEndpoints:
         names: list[str] = []
         training = self.scheduler.status() if self.scheduler else {}
         for pid in projects:
-            promoted = self.store.promoted(pid)
+            try:
+                promoted, infos = self.store.promoted(pid), self.store.versions(pid)
+            except Exception as exc:  # one unreadable project never fails the answer for the others
+                log.warning("/versions: cannot read project %s: %s", pid, exc)
+                details[str(pid)] = {"error": f"cannot read the project's checkpoints: {type(exc).__name__}"}
+                continue
             entries = []
-            for info in reversed(self.store.versions(pid)):
+            for info in reversed(infos):
                 names.append(info.version)
                 entries.append(
                     {
@@ -159,7 +225,7 @@ def register_label_studio_routes(
     guarded = APIRouter(prefix=prefix, dependencies=[Depends(auth)])
     open_router = APIRouter(prefix=prefix)
     open_router.add_api_route("/health", endpoints.health, methods=["GET"])
-    open_router.add_api_route("/", endpoints.health, methods=["GET"])
+    open_router.add_api_route("/", endpoints.live, methods=["GET"])
     guarded.add_api_route("/setup", endpoints.setup, methods=["POST"])
     guarded.add_api_route("/predict", endpoints.predict, methods=["POST"])
     guarded.add_api_route("/webhook", endpoints.webhook, methods=["POST"])

@@ -34,6 +34,8 @@ class ServingModels(Protocol):
 
     async def ensure_loaded(self, project: int, version: str) -> Any: ...
 
+    def load_due(self, project: int, version: str) -> bool: ...
+
 
 class RolloutWatcher:
     def __init__(self, registry: ServingModels, store: CheckpointStore, interval: float):
@@ -53,11 +55,12 @@ class RolloutWatcher:
         self.registry.set_pointer(project, version)
         loaded = self.registry.loaded(project)
         in_use = preload or loaded is not None or self.registry.spec(project) is not None
-        if version and in_use and (loaded is None or loaded.version != version):
+        due = version is not None and self.registry.load_due(project, version)
+        if version and due and in_use and (loaded is None or loaded.version != version):
             try:
                 await self.registry.ensure_loaded(project, version)
             except Exception as exc:
-                log.error(
+                log.warning(
                     "project %s: cannot roll to %s: %s; still serving %s",
                     project,
                     version,
