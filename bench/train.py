@@ -78,8 +78,8 @@ TRAINER_DEFAULT_BATCH = 8
 def worker_lsbert(examples: int, holdout: int, batch_size: int = 0) -> dict:
     import torch
 
+    from lsbert.model.runtime import select_runtime
     from lsbert.modelsource import resolve
-    from lsbert.predictor.engine import select_runtime
     from lsbert.settings import load_settings
     from lsbert.trainer.dataset import Example
     from lsbert.trainer.loop import Hyperparameters, available_cores, fine_tune, load_for_training
@@ -119,8 +119,8 @@ def worker_trainer(examples: int, holdout: int) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
+    from lsbert.model.runtime import Runtime
     from lsbert.modelsource import resolve
-    from lsbert.predictor.engine import Runtime
     from lsbert.settings import load_settings
 
     _quiet_transformers()
@@ -242,9 +242,11 @@ def main(argv=None) -> int:
 
         result = measure_loop(annotations=500)
         loop = result["loop_seconds"]
-        print(f"# loop: {result['annotations']} annotations, Start Training -> new version served "
-              f"{result['new_version_seconds']:.1f}s -> held-out predictions stored {loop:.1f}s; "
-              f"held-out accuracy {result['held_out_accuracy']:.3f}")
+        print(
+            f"# loop: {result['annotations']} annotations, Start Training -> new version served "
+            f"{result['new_version_seconds']:.1f}s -> held-out predictions stored {loop:.1f}s; "
+            f"held-out accuracy {result['held_out_accuracy']:.3f}"
+        )
     print(f"train_speedup_vs_trainer={speedup:.2f}")
     if loop is not None:
         print(f"loop_seconds={loop:.1f}")

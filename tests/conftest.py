@@ -62,25 +62,33 @@ class ServerProcess:
                 self.proc.wait()
 
 
-def start_server(tmp: Path, env_overrides: Optional[dict] = None, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
+def start_server(
+    tmp: Path, env_overrides: Optional[dict] = None, wait_ready: bool = True, timeout: float = 120
+) -> ServerProcess:
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BASIC_AUTH", "LABEL_STUDIO_"))}
-    env.update({
-        "BASELINE_MODEL_NAME": MINILM,
-        "MODEL_DIR": str(tmp / "models"),
-        "CACHE_DIR": str(tmp / "cache"),
-        "LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
-        "HF_HUB_OFFLINE": "1",
-        "ROLLOUT_POLL_SECONDS": "2",
-    })
+    env.update(
+        {
+            "BASELINE_MODEL_NAME": MINILM,
+            "MODEL_DIR": str(tmp / "models"),
+            "CACHE_DIR": str(tmp / "cache"),
+            "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "ROLLOUT_POLL_SECONDS": "2",
+        }
+    )
     env.update(env_overrides or {})
     log_path = tmp / f"lsbert-{port}.log"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lsbert", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp,
+            start_new_session=True,
         )
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, env)
     deadline = time.time() + timeout

@@ -13,15 +13,22 @@ import pytest
 import torch
 
 from lsbert import cuda
-from lsbert.predictor.engine import Runtime, ZeroShotClassifier, select_runtime
+from lsbert.model.engine import ZeroShotClassifier
+from lsbert.model.runtime import Runtime, select_runtime
 from tests.conftest import MINILM
 
 CPU = Runtime(torch.device("cpu"), None)
 TEXTS = [
-    "I love this product, it works great.", "Terrible, broke after a day.", "awful café ☕ – naïve",
+    "I love this product, it works great.",
+    "Terrible, broke after a day.",
+    "awful café ☕ – naïve",
     "A delightful, moving film with a wonderful cast and a story that stays with you for days.",
-    "What a waste of two hours.", "It was fine.", "Shares fell 3% after the earnings call.",
-    "The striker scored twice in the final.", "ok", "Parliament passed the budget after a long debate.",
+    "What a waste of two hours.",
+    "It was fine.",
+    "Shares fell 3% after the earnings call.",
+    "The striker scored twice in the final.",
+    "ok",
+    "Parliament passed the budget after a long debate.",
 ] * 3
 
 
@@ -85,8 +92,14 @@ def tiny_model(tmp_path_factory) -> Path:
     minilm = Path(resolve(MINILM))
     path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (minilm / name).exists():

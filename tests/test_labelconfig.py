@@ -2,8 +2,10 @@ import pytest
 
 from lsbert.labelconfig import LabelConfigError, parse_label_config
 
-SENTIMENT = ('<View><Text name="text" value="$text"/><Choices name="sentiment" toName="text" choice="single">'
-             '<Choice value="Positive"/><Choice value="Negative"/></Choices></View>')
+SENTIMENT = (
+    '<View><Text name="text" value="$text"/><Choices name="sentiment" toName="text" choice="single">'
+    '<Choice value="Positive"/><Choice value="Negative"/></Choices></View>'
+)
 
 
 def test_single_choice_config_from_label_studio():
@@ -26,15 +28,19 @@ def test_multiple_choice_alias_and_other_data_key():
 
 def test_serves_the_choices_bound_to_text_not_other_controls():
     spec = parse_label_config(
-        '<View><Image name="img" value="$image"/><Choices name="quality" toName="img"><Choice value="Blurry"/></Choices>'
-        '<Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="A"/><Choice value="B"/></Choices></View>'
+        '<View><Image name="img" value="$image"/>'
+        '<Choices name="quality" toName="img"><Choice value="Blurry"/></Choices>'
+        '<Text name="t" value="$text"/>'
+        '<Choices name="c" toName="t"><Choice value="A"/><Choice value="B"/></Choices></View>'
     )
     assert spec.from_name == "c" and spec.labels == ("A", "B")
 
 
 def test_fingerprint_changes_with_labels():
     a = parse_label_config(SENTIMENT)
-    b = parse_label_config(SENTIMENT.replace('<Choice value="Negative"/>', '<Choice value="Negative"/><Choice value="Neutral"/>'))
+    b = parse_label_config(
+        SENTIMENT.replace('<Choice value="Negative"/>', '<Choice value="Negative"/><Choice value="Neutral"/>')
+    )
     assert a.fingerprint != b.fingerprint
 
 
@@ -43,10 +49,19 @@ def test_fingerprint_changes_with_labels():
     [
         ("", "empty"),
         ("<View><Text name='t' value='$text'/>", "not valid XML"),
-        ("<View><Text name='t' value='$text'/><Labels name='l' toName='t'><Label value='X'/></Labels></View>", "no <Choices>"),
-        ("<View><Image name='i' value='$img'/><Choices name='c' toName='i'><Choice value='X'/></Choices></View>", "bound"),
+        (
+            "<View><Text name='t' value='$text'/><Labels name='l' toName='t'><Label value='X'/></Labels></View>",
+            "no <Choices>",
+        ),
+        (
+            "<View><Image name='i' value='$img'/><Choices name='c' toName='i'><Choice value='X'/></Choices></View>",
+            "bound",
+        ),
         ("<View><Text name='t' value='$text'/><Choices name='c' toName='t'></Choices></View>", "no <Choice>"),
-        ("<View><Text name='t' value='text'/><Choices name='c' toName='t'><Choice value='X'/></Choices></View>", "$field"),
+        (
+            "<View><Text name='t' value='text'/><Choices name='c' toName='t'><Choice value='X'/></Choices></View>",
+            "$field",
+        ),
         ('<!DOCTYPE x [<!ENTITY a "aaaa">]><View>&a;</View>', "not valid XML"),
     ],
 )

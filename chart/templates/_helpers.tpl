@@ -559,6 +559,14 @@ prometheus.kserve.io/path: /metrics
     periodSeconds: {{ $.Values.probes.liveness.periodSeconds }}
     timeoutSeconds: {{ $.Values.probes.liveness.timeoutSeconds }}
     failureThreshold: {{ $.Values.probes.liveness.failureThreshold }}
+  {{- with $.Values.preStopSleepSeconds }}
+  # Keeps serving while the endpoint is removed from the Service (kube-proxy, ingress controllers): the
+  # server closes its listener on SIGTERM, so without the wait a rolling update refuses some new connections.
+  lifecycle:
+    preStop:
+      exec:
+        command: ["sleep", {{ . | quote }}]
+  {{- end }}
   volumeMounts:
     {{- include "lsbert.commonVolumeMounts" $ | nindent 4 }}
     {{- if eq $.Values.trainer.launcher "kubernetes" }}

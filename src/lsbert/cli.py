@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Optional
 
 
 def _serve(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lsbert serve", description="Start the predictor (KServe model server + Label Studio ML backend API).")
+    parser = argparse.ArgumentParser(
+        prog="lsbert serve", description="Start the predictor (KServe model server + Label Studio ML backend API)."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; images use 0.0.0.0)")
     parser.add_argument("--port", type=int, default=9090, help="HTTP port (default 9090)")
     args = parser.parse_args(argv)
-    from lsbert.predictor.server import serve
+    from lsbert.serve import serve
 
     return serve(host=args.host, port=args.port)
 
@@ -41,10 +42,13 @@ COMMANDS = {"serve": _serve, "train": _train, "status": _status}
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
-        print("usage: lsbert {serve,train,status} [options]\n\n"
-              "  serve   start the predictor (Label Studio ML backend + KServe V1/V2)\n"
-              "  train   fine-tune one project's model from its Label Studio annotations\n"
-              "  status  projects, serving versions and training runs", file=sys.stderr)
+        print(
+            "usage: lsbert {serve,train,status} [options]\n\n"
+            "  serve   start the predictor (Label Studio ML backend + KServe V1/V2)\n"
+            "  train   fine-tune one project's model from its Label Studio annotations\n"
+            "  status  projects, serving versions and training runs",
+            file=sys.stderr,
+        )
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
     from lsbert.settings import SettingsError
 

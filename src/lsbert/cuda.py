@@ -49,10 +49,11 @@ def is_cuda(device: torch.device) -> bool:
 def prefer_sdpa(model: torch.nn.Module) -> None:
     """Switch a model loaded with eager attention to SDPA where its architecture supports it."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "eager" or not hasattr(model, "set_attn_implementation"):
+    set_attn_implementation = getattr(model, "set_attn_implementation", None)
+    if getattr(config, "_attn_implementation", None) != "eager" or set_attn_implementation is None:
         return
     try:
-        model.set_attn_implementation("sdpa")
+        set_attn_implementation("sdpa")
     except (ValueError, ImportError) as exc:  # the architecture has no SDPA path
         log.info("keeping eager attention: %s", exc)
 
@@ -132,7 +133,7 @@ def run_pipelined(
                 ids = tokenize(chunk(k))
             else:
                 ids = future.result()
-                future = pool.submit(tokenize, chunk(k + 1)) if k + 1 < len(starts) else None
+                future = pool.submit(tokenize, chunk(k + 1)) if pool is not None and k + 1 < len(starts) else None
             lengths = [len(x) for x in ids]
             for batch in batches_by_tokens(lengths, token_budget):
                 input_ids, mask = pad_rows([ids[i] for i in batch], pad_id, lengths[batch[0]], left_padding, on_cuda)

@@ -44,8 +44,12 @@ def _cuda_state() -> tuple[bool, str]:
     return False, f"torch is built for CUDA {build} but sees no usable GPU (driver missing or older than CUDA {build})"
 
 
-def check_cuda(setting: Optional[bool], what: str, environ: Optional[Mapping[str, str]] = None,
-               state: Callable[[], tuple[bool, str]] = _cuda_state) -> None:
+def check_cuda(
+    setting: Optional[bool],
+    what: str,
+    environ: Optional[Mapping[str, str]] = None,
+    state: Callable[[], tuple[bool, str]] = _cuda_state,
+) -> None:
     """Raise CudaUnavailable when a GPU is required (see the module doc) and CUDA cannot be used."""
     if not cuda_required(setting, environ):
         return
@@ -56,4 +60,5 @@ def check_cuda(setting: Optional[bool], what: str, environ: Optional[Mapping[str
     given = f"GPU(s) {devices} were assigned" if devices else "a GPU was required (REQUIRE_CUDA=true)"
     raise CudaUnavailable(
         f"{what}: {given} but CUDA is not usable: {why}. Use the CUDA image on a node with a working NVIDIA "
-        "driver, or set REQUIRE_CUDA=false (chart: gpu.requireCuda / trainer.gpu.requireCuda) to run on the CPU")
+        "driver, or set REQUIRE_CUDA=false (chart: gpu.requireCuda / trainer.gpu.requireCuda) to run on the CPU"
+    )

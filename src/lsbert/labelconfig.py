@@ -39,7 +39,7 @@ class ClassificationSpec:
 
 
 def _objects(root: Element) -> dict[str, Element]:
-    return {el.get("name"): el for el in root.iter() if el.tag in TEXT_OBJECTS and el.get("name")}
+    return {name: el for el in root.iter() if el.tag in TEXT_OBJECTS and (name := el.get("name"))}
 
 
 def _data_key(text_el: Element) -> str:

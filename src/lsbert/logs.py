@@ -9,7 +9,9 @@ import sys
 from typing import Iterable
 
 _CREDENTIALS = re.compile(r"(?i)\b(basic|bearer|token)\s+[A-Za-z0-9+/=._\-]{8,}")
-_KEYS = re.compile(r"(?i)(\"?(?:authorization|api[_-]?key|access_token|password|secret|token)\"?\s*[:=]\s*\"?)([^\s\",}]{4,})")
+_KEYS = re.compile(
+    r"(?i)(\"?(?:authorization|api[_-]?key|access_token|password|secret|token)\"?\s*[:=]\s*\"?)([^\s\",}]{4,})"
+)
 
 
 class RedactingFilter(logging.Filter):

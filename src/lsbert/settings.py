@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN")
     )
     start_training_each_n_updates: int = Field(10, ge=0)
+    max_concurrent_training_runs: int = Field(
+        2, ge=0, description="Training runs at once across all projects (the rest wait in turn); 0 = no limit."
+    )
     # 5e-5 (the top of the BERT paper's range) rather than upstream's 2e-5: with a few hundred annotations
     # 2e-5 left MiniLM at chance after 3 epochs (bench/loop.py), 5e-5 reached 0.76 held-out accuracy.
     learning_rate: float = Field(5e-5, gt=0, lt=1)
@@ -60,7 +63,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     threads: int = Field(8, ge=1, le=256)
     hf_token: Optional[SecretStr] = None
-    model_dir: str = Field("models", description="Checkpoint store: a directory (e.g. a mounted PVC) or s3://bucket/prefix.")
+    model_dir: str = Field(
+        "models", description="Checkpoint store: a directory (e.g. a mounted PVC) or s3://bucket/prefix."
+    )
 
     # --- lsbert additions -----------------------------------------------------------------------
     model_name: str = Field("lsbert", description="KServe model name (V1/V2 routes, readiness probe).")
@@ -69,6 +74,18 @@ class Settings(BaseSettings):
     predict_batch_size: int = Field(64, ge=1, le=4096)
     multi_label_threshold: float = Field(0.5, gt=0, lt=1)
     max_loaded_models: int = Field(4, ge=1)
+    text_url_allowed_hosts: str = Field(
+        "", description="Comma-separated hosts besides Label Studio's that <Text valueType=url> links may point to."
+    )
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body accepted; a larger one gets 413 unread."
+    )
+    metrics_without_auth: bool = Field(
+        False, description="Serve /metrics without basic auth (for a Prometheus that scrapes without credentials)."
+    )
+    model_load_wait_seconds: float = Field(
+        60.0, ge=0, le=90, description="How long /predict waits for the baseline model still loading before 503."
+    )
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = all available cores.")
     torch_compile: bool = Field(False, description="torch.compile served models on CUDA (slower model loads).")
     train_batch_size: int = Field(16, ge=1, le=4096)
@@ -89,15 +106,22 @@ class Settings(BaseSettings):
         None, description="A training Job template file; unset = the one shipped in lsbert.launcher."
     )
     job_values: Optional[str] = Field(None, description="YAML file with the cluster-specific parts of training Jobs.")
-    release_name: str = Field("lsbert", description="Prefix of training Job names and value of their lsbert.io/release label.")
+    release_name: str = Field(
+        "lsbert", description="Prefix of training Job names and value of their lsbert.io/release label."
+    )
     job_owner_configmap: Optional[str] = Field(
         None, description="A ConfigMap in the Job namespace that owns every training Job (deleting it deletes them)."
     )
     training_pending_timeout: float = Field(
-        900.0, ge=0, description="Seconds a training Job may stay without a running pod before it is failed; 0 = no limit."
+        900.0,
+        ge=0,
+        description="Seconds a training Job may stay without a running pod before it is failed; 0 = no limit.",
     )
     require_cuda: Optional[bool] = Field(
-        None, description="Stop when CUDA is unusable although a GPU was assigned; unset = when NVIDIA_VISIBLE_DEVICES names devices."
+        None,
+        description=(
+            "Stop when CUDA is unusable although a GPU was assigned; unset = when NVIDIA_VISIBLE_DEVICES names devices."
+        ),
     )
 
     @field_validator("log_level")
@@ -128,7 +152,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _basic_auth_pair(self) -> "Settings":
+    def _basic_auth_pair(self) -> Settings:
         user, password = self.basic_auth_user, self.basic_auth_pass
         if bool(user) != bool(password and password.get_secret_value()):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
@@ -139,8 +163,9 @@ class Settings(BaseSettings):
         return bool(self.basic_auth_user)
 
 
-class SettingsError(SystemExit):
-    """Raised at start for invalid configuration; the message names each bad variable."""
+class SettingsError(ValueError):
+    """Invalid configuration; the message names each bad variable. The command line (``lsbert``) turns it
+    into a message on stderr and exit code 2."""
 
 
 def load_settings(**overrides) -> Settings:

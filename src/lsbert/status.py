@@ -24,6 +24,7 @@ from lsbert.launcher.jobspec import (
     label_selector,
     timestamp,
 )
+from lsbert.settings import SettingsError
 
 
 def print_status(url: str, kubernetes: bool = False, namespace: Optional[str] = None) -> int:
@@ -82,11 +83,17 @@ def print_jobs(namespace: Optional[str] = None, *, api_client=None, out: Optiona
         ns = resolve_namespace(namespace)
         if api_client is None:
             api_client = load_api_client()
-        jobs = client.BatchV1Api(api_client).list_namespaced_job(
-            ns, label_selector=label_selector({LABEL_NAME: APP_NAME, LABEL_COMPONENT: COMPONENT}),
-            _request_timeout=REQUEST_TIMEOUT).items
-    except (Exception, SystemExit) as exc:
-        why = api_message(exc) if isinstance(exc, Exception) else str(exc)
+        jobs = (
+            client.BatchV1Api(api_client)
+            .list_namespaced_job(
+                ns,
+                label_selector=label_selector({LABEL_NAME: APP_NAME, LABEL_COMPONENT: COMPONENT}),
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+            .items
+        )
+    except Exception as exc:
+        why = str(exc) if isinstance(exc, SettingsError) else api_message(exc)
         print(f"training Jobs in namespace {ns}: cannot list them ({why})", file=sys.stderr)
         return 1
     finally:
@@ -96,16 +103,26 @@ def print_jobs(namespace: Optional[str] = None, *, api_client=None, out: Optiona
         print(f"no lsbert training Jobs in namespace {ns}", file=out)
         return 0
     now = time.time()
-    rows = [("JOB", "PROJECT", "VERSION", "PHASE", "AGE", "MESSAGE")]
+    rows: list[tuple[str, ...]] = [("JOB", "PROJECT", "VERSION", "PHASE", "AGE", "MESSAGE")]
     for job in sorted(jobs, key=age_key):
         phase = job_phase(job)
         message = ""
         if phase is RunPhase.FAILED:
             cond = condition(job, "Failed")
             message = f"{cond.reason}: {cond.message}"[:120]
-        labels = job.metadata.labels or {}
-        rows.append((job.metadata.name, labels.get(LABEL_PROJECT, "?"), job_version(job), phase.value,
-                     _age(now - (timestamp(job.metadata.creation_timestamp) or now)), message))
+        meta = job.metadata
+        assert meta is not None  # the API server always sends metadata
+        labels = meta.labels or {}
+        rows.append(
+            (
+                str(meta.name),
+                labels.get(LABEL_PROJECT, "?"),
+                job_version(job),
+                phase.value,
+                _age(now - (timestamp(meta.creation_timestamp) or now)),
+                message,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     print(f"training Jobs in namespace {ns}:", file=out)
     for row in rows:

@@ -18,8 +18,10 @@ def helm() -> str:
     """Path of the helm binary; skipped when absent locally, a failure under CI / LSBERT_REQUIRE_K8S=1."""
     path = helm_binary()
     if not path.is_file():
-        msg = (f"helm not found at {path}: run `bash tests/k8s/build.sh` (or set LSBERT_HELM); "
-               "the chart tests need the real helm binary")
+        msg = (
+            f"helm not found at {path}: run `bash tests/k8s/build.sh` (or set LSBERT_HELM); "
+            "the chart tests need the real helm binary"
+        )
         if required():
             pytest.fail(msg, pytrace=False)
         warnings.warn(msg, stacklevel=1)

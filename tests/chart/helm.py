@@ -41,8 +41,13 @@ def required() -> bool:
     return ci not in ("", "0", "false", "no") or os.environ.get("LSBERT_REQUIRE_K8S") == "1"
 
 
-def run_helm(*args: str, values: Optional[dict[str, Any]] = None, env: Optional[dict[str, str]] = None,
-             binary: Optional[Path] = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_helm(
+    *args: str,
+    values: Optional[dict[str, Any]] = None,
+    env: Optional[dict[str, str]] = None,
+    binary: Optional[Path] = None,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
     """Run helm; ``values`` go in through a temporary -f file (JSON is YAML). Raises HelmError on failure."""
     cmd = [str(binary or helm_binary()), *args]
     with tempfile.TemporaryDirectory(prefix="lsbert-helm-") as tmp:
@@ -57,8 +62,9 @@ def run_helm(*args: str, values: Optional[dict[str, Any]] = None, env: Optional[
         run_env.setdefault("HELM_DATA_HOME", str(Path(tmp) / "data"))
         if env is None:
             run_env["KUBECONFIG"] = str(Path(tmp) / "no-kubeconfig")
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env,
-                                stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=run_env, stdin=subprocess.DEVNULL
+        )
     if result.returncode != 0:
         raise HelmError(cmd, result)
     return result
@@ -74,12 +80,13 @@ def template_args(api_versions: Iterable[str] = (), kube_version: Optional[str] 
 
 
 @functools.lru_cache(maxsize=128)
-def _render_cached(values_json: str, api_versions: tuple[str, ...], kube_version: Optional[str]) -> "Manifest":
+def _render_cached(values_json: str, api_versions: tuple[str, ...], kube_version: Optional[str]) -> Manifest:
     return Manifest(run_helm(*template_args(api_versions, kube_version), values=json.loads(values_json)).stdout)
 
 
-def render(values: Optional[dict[str, Any]] = None, *, kserve_api: bool = False,
-           kube_version: Optional[str] = None) -> "Manifest":
+def render(
+    values: Optional[dict[str, Any]] = None, *, kserve_api: bool = False, kube_version: Optional[str] = None
+) -> Manifest:
     """``helm template`` → parsed objects. Cached: the same values render once per session, so callers must
     not modify what they get (deep-copy first)."""
     apis = (KSERVE_API,) if kserve_api else ()
@@ -183,8 +190,12 @@ def trainer_job(values: dict[str, Any], *, name: str, namespace: str, project: i
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(values["jobLabels"]),
-                     "annotations": dict(values["jobAnnotations"])},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(values["jobLabels"]),
+            "annotations": dict(values["jobAnnotations"]),
+        },
         "spec": {
             "backoffLimit": values["backoffLimit"],
             **({"podFailurePolicy": values["podFailurePolicy"]} if values["podFailurePolicy"] else {}),

@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.chart.helm import CHART, REPO_ROOT
+from tests.chart.helm import CHART
 from tests.k8s.cluster import CPU_NODE, LABEL_FAIL, ControlPlane, wait_until
 
 pytestmark = pytest.mark.k8s
@@ -99,12 +99,21 @@ def _sa_can_launch_training(cp: ControlPlane, namespace: str) -> None:
 
     template = load_template()
     with cp.service_account_client(namespace, FULLNAME) as sa:
-        launcher = KubernetesLauncher(sa, namespace, values=_job_values(cp, namespace), template=template,
-                                      release=FULLNAME, owner_configmap=f"{FULLNAME}-job-values")
+        launcher = KubernetesLauncher(
+            sa,
+            namespace,
+            values=_job_values(cp, namespace),
+            template=template,
+            release=FULLNAME,
+            owner_configmap=f"{FULLNAME}-job-values",
+        )
         launcher.dry_run(1, "finetuned_model-0001")  # server-side: admission, strict fields
         run = launcher.launch(1, "finetuned_model-0001", [])
-        wait_until(lambda: launcher.poll(run).phase.finished, TIMEOUT,
-                   f"training Job {run.run_id} finished (kwok completes Job pods)")
+        wait_until(
+            lambda: launcher.poll(run).phase.finished,
+            TIMEOUT,
+            f"training Job {run.run_id} finished (kwok completes Job pods)",
+        )
         assert run.phase is RunPhase.SUCCEEDED, run.as_dict()
         (job,) = launcher.list_jobs(1)
         assert job.metadata.name == run.run_id
@@ -139,8 +148,12 @@ def _sa_refused(cp: ControlPlane, namespace: str) -> dict[str, int]:
             "get secret": _status(lambda: core.read_namespaced_secret(f"{FULLNAME}-label-studio", namespace)),
             "create deployment": _status(lambda: apps.create_namespaced_deployment(namespace, deployment)),
             "list configmaps": _status(lambda: core.list_namespaced_config_map(namespace)),
-            "create pod": _status(lambda: core.create_namespaced_pod(namespace, client.V1Pod(
-                metadata=client.V1ObjectMeta(name="intruder"), spec=deployment.spec.template.spec))),
+            "create pod": _status(
+                lambda: core.create_namespaced_pod(
+                    namespace,
+                    client.V1Pod(metadata=client.V1ObjectMeta(name="intruder"), spec=deployment.spec.template.spec),
+                )
+            ),
             "list jobs elsewhere": _status(lambda: client.BatchV1Api(sa).list_namespaced_job("default")),
         }
 
@@ -158,7 +171,9 @@ def plain(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory)
     pv = client.V1PersistentVolume(
         metadata=client.V1ObjectMeta(name=f"ckpt-{ns}"),
         spec=client.V1PersistentVolumeSpec(
-            storage_class_name=storage_class, capacity={"storage": "1Gi"}, access_modes=["ReadWriteMany"],
+            storage_class_name=storage_class,
+            capacity={"storage": "1Gi"},
+            access_modes=["ReadWriteMany"],
             persistent_volume_reclaim_policy="Retain",
             host_path=client.V1HostPathVolumeSource(path="/nonexistent/lsbert-test", type=""),
         ),
@@ -193,7 +208,8 @@ def test_plain_release_runs_predictor_pods(plain: Release) -> None:
 
         wait_until(available, TIMEOUT, "predictor Deployment available (PVC bound, pod scheduled, kwok Ready)")
         (pod,) = core.list_namespaced_pod(
-            ns, label_selector=f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=predictor").items
+            ns, label_selector=f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=predictor"
+        ).items
         assert pod.status.phase == "Running" and pod.spec.node_name == CPU_NODE
         assert pod.spec.service_account_name == FULLNAME
         env = {e.name: e for e in pod.spec.containers[0].env}
@@ -210,21 +226,42 @@ def _finish_test_pod(cp: ControlPlane, namespace: str, name: str) -> None:
     """Stand in for the kubelet: kwok makes the hook pod Running but only completes Job pods."""
     with _api(cp) as api:
         core = client.CoreV1Api(api)
-        wait_until(lambda: core.read_namespaced_pod(name, namespace).status.phase == "Running", TIMEOUT,
-                   f"helm test pod {name} Running")
+        wait_until(
+            lambda: core.read_namespaced_pod(name, namespace).status.phase == "Running",
+            TIMEOUT,
+            f"helm test pod {name} Running",
+        )
         pod = core.read_namespaced_pod(name, namespace)
         container = pod.spec.containers[0]
         assert container.command[:2] == ["python", "-c"]
         assert container.command[-1] == f"http://{FULLNAME}.{namespace}.svc.cluster.local:8080/health"
         now = pod.status.start_time.isoformat()
-        core.patch_namespaced_pod_status(name, namespace, {"status": {
-            "phase": "Succeeded",
-            "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
-            "containerStatuses": [{
-                "name": container.name, "image": container.image, "ready": False, "restartCount": 0,
-                "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}},
-            }],
-        }})
+        core.patch_namespaced_pod_status(
+            name,
+            namespace,
+            {
+                "status": {
+                    "phase": "Succeeded",
+                    "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
+                    "containerStatuses": [
+                        {
+                            "name": container.name,
+                            "image": container.image,
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {
+                                "terminated": {
+                                    "exitCode": 0,
+                                    "reason": "Completed",
+                                    "startedAt": now,
+                                    "finishedAt": now,
+                                }
+                            },
+                        }
+                    ],
+                }
+            },
+        )
 
 
 def test_helm_test_pod(plain: Release) -> None:
@@ -247,8 +284,11 @@ def test_helm_test_pod(plain: Release) -> None:
     assert name in result.stdout and "Succeeded" in result.stdout
     with _api(cp) as api:
         core = client.CoreV1Api(api)
-        wait_until(lambda: _status(lambda: core.read_namespaced_pod(name, ns)) == 404, TIMEOUT,
-                   "passed test pod deleted (hook-succeeded)")
+        wait_until(
+            lambda: _status(lambda: core.read_namespaced_pod(name, ns)) == 404,
+            TIMEOUT,
+            "passed test pod deleted (hook-succeeded)",
+        )
 
 
 def test_helm_test_reports_a_failing_pod_after_upgrade(plain: Release) -> None:
@@ -257,7 +297,14 @@ def test_helm_test_reports_a_failing_pod_after_upgrade(plain: Release) -> None:
     with _api(cp) as api:
         before = client.CoreV1Api(api).read_namespaced_secret(secret, ns).data["password"]
     # kwok's pod-fail stage ends pods with this label as Failed.
-    plain.helm("upgrade", RELEASE, str(CHART), "--reuse-values", "--set-string", f"tests.podLabels.{LABEL_FAIL.replace('.', chr(92) + '.')}=true")
+    plain.helm(
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        "--reuse-values",
+        "--set-string",
+        f"tests.podLabels.{LABEL_FAIL.replace('.', chr(92) + '.')}=true",
+    )
     result = plain.helm("test", RELEASE, "--timeout", "60s", check=False)
     assert result.returncode != 0
     assert "Failed" in result.stdout + result.stderr
@@ -277,12 +324,18 @@ def test_plain_service_account_is_least_privilege(plain: Release) -> None:
     cp, ns = plain.cp, plain.namespace
     _sa_can_launch_training(cp, ns)
     refused = _sa_refused(cp, ns)
-    assert refused == {k: 403 for k in refused}, refused
+    assert refused == dict.fromkeys(refused, 403), refused
     with cp.service_account_client(ns, FULLNAME) as sa:
         custom = client.CustomObjectsApi(sa)
         # No InferenceService in this release: no rule for it either.
-        assert _status(lambda: custom.get_namespaced_custom_object(
-            "serving.kserve.io", "v1beta1", ns, "inferenceservices", FULLNAME)) == 403
+        assert (
+            _status(
+                lambda: custom.get_namespaced_custom_object(
+                    "serving.kserve.io", "v1beta1", ns, "inferenceservices", FULLNAME
+                )
+            )
+            == 403
+        )
         assert _status(lambda: client.AppsV1Api(sa).list_namespaced_deployment(ns)) == 403  # hot rollout
 
 
@@ -291,8 +344,9 @@ def test_plain_uninstall_leaves_only_the_checkpoints_claim(plain: Release) -> No
     wait_until(lambda: not any(k == "Job" for k, _ in _leftovers(cp, ns)), TIMEOUT, "test Jobs gone")
     plain.uninstall()
     expected = [("PersistentVolumeClaim", f"{FULLNAME}-checkpoints")]
-    wait_until(lambda: _leftovers(cp, ns) == expected, TIMEOUT,
-               f"only the checkpoints claim left (have {_leftovers(cp, ns)})")
+    wait_until(
+        lambda: _leftovers(cp, ns) == expected, TIMEOUT, f"only the checkpoints claim left (have {_leftovers(cp, ns)})"
+    )
     with _api(cp) as api:
         pvc = client.CoreV1Api(api).read_namespaced_persistent_volume_claim(f"{FULLNAME}-checkpoints", ns)
     assert pvc.metadata.annotations["helm.sh/resource-policy"] == "keep"
@@ -312,8 +366,15 @@ def kserve(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
         "rollout": {"strategy": "restart"},
         "gpu": {"enabled": True},
         "labelStudio": {"url": "http://label-studio.ls.svc.cluster.local:8080", "apiKey": LS_KEY},
-        "storage": {"type": "s3", "s3": {"uri": "s3://ckpt/lsbert", "endpoint": "http://minio.minio.svc:9000",
-                                         "accessKeyId": "k8s-test", "secretAccessKey": S3_SECRET}},
+        "storage": {
+            "type": "s3",
+            "s3": {
+                "uri": "s3://ckpt/lsbert",
+                "endpoint": "http://minio.minio.svc:9000",
+                "accessKeyId": "k8s-test",
+                "secretAccessKey": S3_SECRET,
+            },
+        },
     }
     release = Release(cp, ns, values, tmp_path_factory.mktemp("kserve"))
     release.install()
@@ -326,7 +387,8 @@ def kserve(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 def _isvc(cp: ControlPlane, ns: str, name: str = FULLNAME) -> dict[str, Any]:
     with _api(cp) as api:
         return client.CustomObjectsApi(api).get_namespaced_custom_object(
-            "serving.kserve.io", "v1beta1", ns, "inferenceservices", name)
+            "serving.kserve.io", "v1beta1", ns, "inferenceservices", name
+        )
 
 
 def test_kserve_release_creates_the_inference_service(kserve: Release) -> None:
@@ -355,7 +417,7 @@ def test_kserve_service_account_is_least_privilege(kserve: Release) -> None:
     cp, ns = kserve.cp, kserve.namespace
     _sa_can_launch_training(cp, ns)
     refused = _sa_refused(cp, ns)
-    assert refused == {k: 403 for k in refused}, refused
+    assert refused == dict.fromkeys(refused, 403), refused
     group = ("serving.kserve.io", "v1beta1", ns, "inferenceservices")
     with cp.service_account_client(ns, FULLNAME) as sa:
         custom, apps = client.CustomObjectsApi(sa), client.AppsV1Api(sa)

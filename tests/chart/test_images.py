@@ -4,7 +4,6 @@ with the chart (entrypoints, uid, the baked Job template), and a fail-fast e2e s
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,8 +33,9 @@ def _hadolint() -> str:
 
 
 def test_dockerfiles_are_hadolint_clean() -> None:
-    result = subprocess.run([_hadolint(), "--format", "json", *map(str, DOCKERFILES.values())],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [_hadolint(), "--format", "json", *map(str, DOCKERFILES.values())], capture_output=True, text=True, timeout=60
+    )
     findings = json.loads(result.stdout or "[]")
     assert findings == [], "\n".join(f"{f['file']}:{f['line']} {f['code']} {f['message']}" for f in findings)
     assert result.returncode == 0, result.stderr
@@ -57,10 +57,13 @@ def _instructions(path: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("name, entrypoint", [
-    ("predictor", ["lsbert", "serve", "--host", "0.0.0.0", "--port", "8080"]),
-    ("trainer", ["lsbert", "train"]),
-])
+@pytest.mark.parametrize(
+    "name, entrypoint",
+    [
+        ("predictor", ["lsbert", "serve", "--host", "0.0.0.0", "--port", "8080"]),
+        ("trainer", ["lsbert", "train"]),
+    ],
+)
 def test_image_contract(name: str, entrypoint: list[str]) -> None:
     lines = _instructions(DOCKERFILES[name])
     froms = [line for line in lines if line.startswith("FROM")]
@@ -73,7 +76,8 @@ def test_image_contract(name: str, entrypoint: list[str]) -> None:
     pip_installs = [line for line in lines if "pip install" in line]
     assert pip_installs and all("--no-cache-dir" in line for line in pip_installs)
     assert any('"torch==${TORCH_VERSION}"' in line for line in lines) and any(
-        line.startswith("ARG TORCH_VERSION=2.13.") for line in lines)
+        line.startswith("ARG TORCH_VERSION=2.13.") for line in lines
+    )
     assert any(line.startswith("ARG TORCH_INDEX=") for line in lines)
     if name == "predictor":
         # The training Job template ships inside the Python package (package data), not as a loose file.
@@ -85,6 +89,6 @@ def test_image_contract(name: str, entrypoint: list[str]) -> None:
 
 def test_dockerignore_keeps_the_build_inputs() -> None:
     lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
-    assert lines[lines.index("*") + 1:].count("!src/") == 1
+    assert lines[lines.index("*") + 1 :].count("!src/") == 1
     for needed in ("!pyproject.toml", "!README.md", "!src/"):
         assert needed in lines

@@ -15,7 +15,6 @@ import pytest
 
 from tests.chart.helm import (
     CHART,
-    REPO_ROOT,
     FULLNAME,
     NAMESPACE,
     RELEASE,
@@ -43,11 +42,25 @@ SECRET_VALUES = {
     "ak": "AKIA-ACCESS-K9j5Hg2",
     "sk": "s3-secret-key-P1l0Ok7",
 }
-SECRET_ENV = {"LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "HF_TOKEN", "AWS_ACCESS_KEY_ID",
-              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+SECRET_ENV = {
+    "LABEL_STUDIO_API_KEY",
+    "BASIC_AUTH_USER",
+    "BASIC_AUTH_PASS",
+    "HF_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+}
 
-S3 = {"type": "s3", "s3": {"uri": "s3://lsbert-ckpt/prod", "endpoint": "http://minio.minio.svc:9000",
-                           "region": "eu-west-1", "addressingStyle": "path"}}
+S3 = {
+    "type": "s3",
+    "s3": {
+        "uri": "s3://lsbert-ckpt/prod",
+        "endpoint": "http://minio.minio.svc:9000",
+        "region": "eu-west-1",
+        "addressingStyle": "path",
+    },
+}
 INLINE_SECRETS = {
     "labelStudio": {"url": "http://label-studio.ls.svc.cluster.local:8080", "apiKey": SECRET_VALUES["ls"]},
     "basicAuth": {"enabled": True, "user": "lsbert", "password": SECRET_VALUES["pass"]},
@@ -55,25 +68,43 @@ INLINE_SECRETS = {
     "storage": {**S3, "s3": {**S3["s3"], "accessKeyId": SECRET_VALUES["ak"], "secretAccessKey": SECRET_VALUES["sk"]}},
 }
 EXISTING_SECRETS = {
-    "labelStudio": {"url": "http://label-studio.ls.svc:8080", "existingSecret": "ls-token", "existingSecretKey": "token"},
+    "labelStudio": {
+        "url": "http://label-studio.ls.svc:8080",
+        "existingSecret": "ls-token",
+        "existingSecretKey": "token",
+    },
     "basicAuth": {"enabled": True, "existingSecret": "backend-auth"},
     "huggingface": {"existingSecret": "hf", "existingSecretKey": "HF_TOKEN"},
     "storage": {**S3, "s3": {**S3["s3"], "existingSecret": "minio-creds"}},
 }
-GPU = {"gpu": {"enabled": True, "count": 1, "nodeSelector": {"nvidia.com/gpu.present": "true"}},
-       "image": {"repository": "lsbert-predictor", "tag": "dev-gpu"}}
+GPU = {
+    "gpu": {"enabled": True, "count": 1, "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+    "image": {"repository": "lsbert-predictor", "tag": "dev-gpu"},
+}
 
 # Role rules by id; a case lists the ids it must have, and nothing else.
 RULES = {
     "jobs": {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "delete", "get", "list", "watch"]},
     "pods": {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
     "events": {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list"]},
-    "owner": {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [f"{FULLNAME}-job-values"],
-              "verbs": ["get"]},
-    "isvc": {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "resourceNames": [FULLNAME],
-             "verbs": ["get", "patch"]},
-    "deployments": {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [f"{FULLNAME}-predictor"],
-                    "verbs": ["get", "list", "watch"]},
+    "owner": {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": [f"{FULLNAME}-job-values"],
+        "verbs": ["get"],
+    },
+    "isvc": {
+        "apiGroups": ["serving.kserve.io"],
+        "resources": ["inferenceservices"],
+        "resourceNames": [FULLNAME],
+        "verbs": ["get", "patch"],
+    },
+    "deployments": {
+        "apiGroups": ["apps"],
+        "resources": ["deployments"],
+        "resourceNames": [f"{FULLNAME}-predictor"],
+        "verbs": ["get", "list", "watch"],
+    },
 }
 
 
@@ -94,14 +125,19 @@ CASES: dict[str, Case] = {
     "kserve-true-without-api": Case({"kserve": {"enabled": True}}, isvc=True),
     "kserve-false-with-api": Case({"kserve": {"enabled": False}}, kserve_api=True),
     "kserve-string-false": Case({"kserve": {"enabled": "false"}}, kserve_api=True),
-    "pvc-existing-claim-isvc": Case({"storage": {"pvc": {"existingClaim": "shared-ckpts"}}}, kserve_api=True,
-                                    isvc=True),
-    "pvc-rwo-no-class": Case({"storage": {"pvc": {"accessModes": ["ReadWriteOnce"], "storageClassName": "-",
-                                                  "keep": False}}}),
+    "pvc-existing-claim-isvc": Case(
+        {"storage": {"pvc": {"existingClaim": "shared-ckpts"}}}, kserve_api=True, isvc=True
+    ),
+    "pvc-rwo-no-class": Case(
+        {"storage": {"pvc": {"accessModes": ["ReadWriteOnce"], "storageClassName": "-", "keep": False}}}
+    ),
     "s3-inline-secrets-isvc": Case(INLINE_SECRETS, kserve_api=True, isvc=True),
     "s3-inline-secrets-plain": Case(INLINE_SECRETS),
-    "s3-pod-identity": Case({"storage": S3, "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:x"}}},
-                            kserve_api=True, isvc=True),
+    "s3-pod-identity": Case(
+        {"storage": S3, "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:x"}}},
+        kserve_api=True,
+        isvc=True,
+    ),
     "existing-secrets-isvc": Case(EXISTING_SECRETS, kserve_api=True, isvc=True),
     "existing-secrets-plain": Case(EXISTING_SECRETS),
     "basic-auth-generated": Case({"basicAuth": {"enabled": True}}),
@@ -109,20 +145,39 @@ CASES: dict[str, Case] = {
     "gpu-plain": Case(GPU),
     "gpu-trainer": Case({"trainer": {"gpu": {"enabled": True, "count": 2}}}, kserve_api=True, isvc=True),
     "gpu-recreate": Case({**GPU, "deploymentStrategy": {"type": "Recreate"}}, kserve_api=True, isvc=True),
-    "rollout-restart": Case({"rollout": {"strategy": "restart"}}, kserve_api=True, isvc=True,
-                            rules=("jobs", "pods", "events", "owner", "isvc", "deployments")),
-    "rollout-restart-gpu-s3": Case({**GPU, **INLINE_SECRETS, "rollout": {"strategy": "restart"}}, kserve_api=True,
-                                   isvc=True, rules=("jobs", "pods", "events", "owner", "isvc", "deployments")),
-    "rollout-restart-local-launcher": Case({"rollout": {"strategy": "restart"}, "trainer": {"launcher": "local"}},
-                                           kserve_api=True, isvc=True, rules=("isvc", "deployments")),
+    "rollout-restart": Case(
+        {"rollout": {"strategy": "restart"}},
+        kserve_api=True,
+        isvc=True,
+        rules=("jobs", "pods", "events", "owner", "isvc", "deployments"),
+    ),
+    "rollout-restart-gpu-s3": Case(
+        {**GPU, **INLINE_SECRETS, "rollout": {"strategy": "restart"}},
+        kserve_api=True,
+        isvc=True,
+        rules=("jobs", "pods", "events", "owner", "isvc", "deployments"),
+    ),
+    "rollout-restart-local-launcher": Case(
+        {"rollout": {"strategy": "restart"}, "trainer": {"launcher": "local"}},
+        kserve_api=True,
+        isvc=True,
+        rules=("isvc", "deployments"),
+    ),
     "launcher-local": Case({"trainer": {"launcher": "local"}}, rules=()),
     "launcher-none-isvc": Case({"trainer": {"launcher": "none"}}, kserve_api=True, isvc=True, rules=()),
     "autoscaling-plain": Case({"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}}),
-    "autoscaling-isvc": Case({"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}},
-                             kserve_api=True, isvc=True),
-    "custom-names": Case({"model": {"name": "sentiment"}, "service": {"port": 9090},
-                          "settings": {"LEARNING_RATE": 3e-5, "KEEP_VERSIONS": 3, "LOG_LEVEL": "DEBUG"},
-                          "extraEnv": [{"name": "EXTRA", "value": "1"}], "tests": {"enabled": True}}),
+    "autoscaling-isvc": Case(
+        {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}}, kserve_api=True, isvc=True
+    ),
+    "custom-names": Case(
+        {
+            "model": {"name": "sentiment"},
+            "service": {"port": 9090},
+            "settings": {"LEARNING_RATE": 3e-5, "KEEP_VERSIONS": 3, "LOG_LEVEL": "DEBUG"},
+            "extraEnv": [{"name": "EXTRA", "value": "1"}],
+            "tests": {"enabled": True},
+        }
+    ),
 }
 
 
@@ -146,12 +201,16 @@ def _pod_specs(m: Manifest) -> Iterator[tuple[str, dict[str, Any]]]:
 # ----------------------------------------------------------------------------------------------- lint
 
 
-@pytest.mark.parametrize("values", [
-    {},
-    {"kserve": {"enabled": True}, **GPU, "rollout": {"strategy": "restart"}},
-    INLINE_SECRETS,
-    EXISTING_SECRETS,
-], ids=["defaults", "kserve-gpu-restart", "inline-secrets", "existing-secrets"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"kserve": {"enabled": True}, **GPU, "rollout": {"strategy": "restart"}},
+        INLINE_SECRETS,
+        EXISTING_SECRETS,
+    ],
+    ids=["defaults", "kserve-gpu-restart", "inline-secrets", "existing-secrets"],
+)
 def test_helm_lint_strict(values: dict[str, Any]) -> None:
     out = run_helm("lint", "--strict", str(CHART), values=values).stdout
     assert "0 chart(s) failed" in out, out
@@ -171,7 +230,8 @@ def test_every_object_is_valid(case: Case, isvc_validator: Any, request: pytest.
         if kind == "InferenceService":
             errors = sorted(isvc_validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
             assert not errors, f"InferenceService {name}: " + "; ".join(
-                f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+                f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+            )
             continue
         for version in versions:
             # strict: unknown fields fail; a kind without a schema raises SchemaNotFoundError (never a warning).
@@ -295,7 +355,9 @@ def test_gpu_rollout_cannot_deadlock(name: str) -> None:
 
 def test_cpu_rollout_keeps_capacity_and_strategy_is_configurable() -> None:
     assert render().get("Deployment")["spec"]["strategy"] == {
-        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     isvc = CASES["gpu-recreate"].manifest().get("InferenceService")
     assert isvc["spec"]["predictor"]["deploymentStrategy"] == {"type": "Recreate"}
     container = CASES["defaults-auto-no-kserve"].manifest().predictor_container()
@@ -328,7 +390,11 @@ def test_role_is_exactly_least_privilege(case: Case) -> None:
     role = m.get("Role", f"{FULLNAME}-launcher")
     assert sorted(map(_normalise, role["rules"])) == sorted(_normalise(RULES[r]) for r in case.rules)
     binding = m.get("RoleBinding", f"{FULLNAME}-launcher")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
     assert m.predictor_pod_spec()["serviceAccountName"] == FULLNAME
     assert m.predictor_pod_spec()["automountServiceAccountToken"] is True
@@ -418,24 +484,30 @@ def test_s3_with_pod_identity_has_no_credentials() -> None:
     assert m.get("ServiceAccount", FULLNAME)["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:x"}
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"settings": {"HF_TOKEN": "x"}}, "invalid propertyName 'HF_TOKEN'"),
-    ({"settings": {"MODEL_DIR": "/x"}}, "invalid propertyName 'MODEL_DIR'"),
-    ({"extraEnv": [{"name": "BASIC_AUTH_PASS", "value": "x"}]}, "/extraEnv/0"),
-    ({"trainer": {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}}, "/trainer/env/0"),
-    ({"kserve": {"enabled": "maybe"}}, "/kserve/enabled"),
-    ({"rollout": {"strategy": "bluegreen"}}, "/rollout/strategy"),
-    ({"storage": {"type": "nfs"}}, "/storage/type"),
-    ({"trainer": {"launcher": "slurm"}}, "/trainer/launcher"),
-    ({"labelStudio": {"url": "label-studio:8080"}}, "/labelStudio/url"),
-    ({"unknownKey": 1}, "unknownKey"),
-    ({"serviceAccount": {"create": False}}, "refusing to grant the launcher Role"),
-    ({"rollout": {"strategy": "restart"}, "kserve": {"enabled": False}}, "rollout.strategy=restart"),
-    ({"storage": {"type": "s3"}}, "storage.s3.uri"),
-    ({"storage": {**S3, "s3": {**S3["s3"], "accessKeyId": "a"}}}, "must be set together"),
-    ({"storage": {**S3, "s3": {**S3["s3"], "accessKeyId": "a", "secretAccessKey": "b", "existingSecret": "c"}}},
-     "not both"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"settings": {"HF_TOKEN": "x"}}, "invalid propertyName 'HF_TOKEN'"),
+        ({"settings": {"MODEL_DIR": "/x"}}, "invalid propertyName 'MODEL_DIR'"),
+        ({"extraEnv": [{"name": "BASIC_AUTH_PASS", "value": "x"}]}, "/extraEnv/0"),
+        ({"trainer": {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}}, "/trainer/env/0"),
+        ({"kserve": {"enabled": "maybe"}}, "/kserve/enabled"),
+        ({"rollout": {"strategy": "bluegreen"}}, "/rollout/strategy"),
+        ({"storage": {"type": "nfs"}}, "/storage/type"),
+        ({"trainer": {"launcher": "slurm"}}, "/trainer/launcher"),
+        ({"labelStudio": {"url": "label-studio:8080"}}, "/labelStudio/url"),
+        ({"unknownKey": 1}, "unknownKey"),
+        ({"serviceAccount": {"create": False}}, "refusing to grant the launcher Role"),
+        ({"rollout": {"strategy": "restart"}, "kserve": {"enabled": False}}, "rollout.strategy=restart"),
+        ({"storage": {"type": "s3"}}, "storage.s3.uri"),
+        ({"storage": {**S3, "s3": {**S3["s3"], "accessKeyId": "a"}}}, "must be set together"),
+        (
+            {"storage": {**S3, "s3": {**S3["s3"], "accessKeyId": "a", "secretAccessKey": "b", "existingSecret": "c"}}},
+            "not both",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_invalid_values_are_refused(values: dict[str, Any], message: str) -> None:
     assert message in render_error(values)
 
@@ -512,8 +584,11 @@ def test_pvc_variants() -> None:
     assert "annotations" not in rwo["metadata"]
     existing = CASES["pvc-existing-claim-isvc"].manifest()
     assert not existing.has("PersistentVolumeClaim")
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in existing.predictor_pod_spec()["volumes"]
-              if "persistentVolumeClaim" in v]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in existing.predictor_pod_spec()["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
     assert claims == ["shared-ckpts"]
 
 
@@ -534,10 +609,28 @@ def test_s3_storage() -> None:
 
 
 JOB_VALUE_KEYS = {
-    "image", "imagePullPolicy", "imagePullSecrets", "serviceAccountName", "resources", "nodeSelector",
-    "tolerations", "affinity", "env", "envFrom", "volumes", "volumeMounts", "podLabels", "podAnnotations",
-    "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "securityContext", "podSecurityContext",
-    "jobLabels", "jobAnnotations", "podFailurePolicy",
+    "image",
+    "imagePullPolicy",
+    "imagePullSecrets",
+    "serviceAccountName",
+    "resources",
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "env",
+    "envFrom",
+    "volumes",
+    "volumeMounts",
+    "podLabels",
+    "podAnnotations",
+    "backoffLimit",
+    "activeDeadlineSeconds",
+    "ttlSecondsAfterFinished",
+    "securityContext",
+    "podSecurityContext",
+    "jobLabels",
+    "jobAnnotations",
+    "podFailurePolicy",
 }
 
 
@@ -570,7 +663,11 @@ def test_launcher_contract(name: str) -> None:
     assert values["podLabels"]["app.kubernetes.io/instance"] == RELEASE
     assert values["podLabels"]["app.kubernetes.io/component"] == "trainer"
     assert {"configMapRef": {"name": f"{FULLNAME}-settings"}} in values["envFrom"]
-    assert (values["backoffLimit"], values["activeDeadlineSeconds"], values["ttlSecondsAfterFinished"]) == (2, 21600, 86400)
+    assert (values["backoffLimit"], values["activeDeadlineSeconds"], values["ttlSecondsAfterFinished"]) == (
+        2,
+        21600,
+        86400,
+    )
     trainer_env = {e["name"]: e for e in values["env"]}
     for shared in ("MODEL_DIR", "BASELINE_MODEL_NAME", "CACHE_DIR", "HF_HOME"):
         assert trainer_env[shared] == env[shared], shared
@@ -585,9 +682,15 @@ def test_job_values_fit_the_real_launcher(case: Case) -> None:
     m = case.manifest()
     template = launcher.load_template()
     values = launcher.parse_job_values(m.job_values())
-    job = launcher.render_job(template, values, release=FULLNAME, namespace=NAMESPACE, project=3,
-                              version="finetuned_model-0004",
-                              owner=launcher.owner_reference("ConfigMap", f"{FULLNAME}-job-values", "u-1"))
+    job = launcher.render_job(
+        template,
+        values,
+        release=FULLNAME,
+        namespace=NAMESPACE,
+        project=3,
+        version="finetuned_model-0004",
+        owner=launcher.owner_reference("ConfigMap", f"{FULLNAME}-job-values", "u-1"),
+    )
     launcher.to_v1_job(job)
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)
     pod = job["spec"]["template"]["spec"]
@@ -620,26 +723,37 @@ def test_launcher_modes_without_jobs() -> None:
 def test_settings_configmap_carries_only_plain_settings() -> None:
     m = CASES["custom-names"].manifest()
     data = m.get("ConfigMap", f"{FULLNAME}-settings")["data"]
-    assert data == {"LEARNING_RATE": "3e-05", "KEEP_VERSIONS": "3", "LOG_LEVEL": "DEBUG",
-                    "START_TRAINING_EACH_N_UPDATES": "10", "THREADS": "8", "PRECISION": "auto"}
+    assert data == {
+        "LEARNING_RATE": "3e-05",
+        "KEEP_VERSIONS": "3",
+        "LOG_LEVEL": "DEBUG",
+        "START_TRAINING_EACH_N_UPDATES": "10",
+        "THREADS": "8",
+        "PRECISION": "auto",
+    }
     assert {"configMapRef": {"name": f"{FULLNAME}-settings"}} in m.predictor_container()["envFrom"]
     assert m.predictor_env()["EXTRA"] == {"name": "EXTRA", "value": "1"}
 
 
 def test_config_changes_roll_the_pods() -> None:
     before = render().get("Deployment")["spec"]["template"]["metadata"]["annotations"]
-    after = render({"settings": {"LOG_LEVEL": "DEBUG"}}).get("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    after = render({"settings": {"LOG_LEVEL": "DEBUG"}}).get("Deployment")["spec"]["template"]["metadata"][
+        "annotations"
+    ]
     assert before["checksum/settings"] != after["checksum/settings"]
 
 
 # ---------------------------------------------------------------------------- helm test and NOTES
 
 
-@pytest.mark.parametrize("name, url", [
-    ("defaults-auto-no-kserve", f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local:8080/health"),
-    ("custom-names", f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local:9090/health"),
-    ("auto-with-kserve-api", f"http://{FULLNAME}-predictor.{NAMESPACE}.svc.cluster.local:80/health"),
-])
+@pytest.mark.parametrize(
+    "name, url",
+    [
+        ("defaults-auto-no-kserve", f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local:8080/health"),
+        ("custom-names", f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local:9090/health"),
+        ("auto-with-kserve-api", f"http://{FULLNAME}-predictor.{NAMESPACE}.svc.cluster.local:80/health"),
+    ],
+)
 def test_helm_test_pod_gets_health(name: str, url: str) -> None:
     pod = CASES[name].manifest().test_pod()
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -653,7 +767,7 @@ def test_helm_test_pod_gets_health(name: str, url: str) -> None:
 
 def _notes(values: dict[str, Any]) -> str:
     out = run_helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", values=values).stdout
-    return out[out.index("NOTES:"):]
+    return out[out.index("NOTES:") :]
 
 
 def test_notes_tell_how_to_connect_label_studio() -> None:

@@ -18,8 +18,11 @@ pytestmark = pytest.mark.usefixtures("helm")
 K8S = "1.36.0"
 RWO = {"storage": {"pvc": {"accessModes": ["ReadWriteOnce"]}}}
 GPU_TRAINER = {"trainer": {"gpu": {"enabled": True}}}
-PREDICTOR_SELECTOR = {"app.kubernetes.io/name": "lsbert", "app.kubernetes.io/instance": RELEASE,
-                      "app.kubernetes.io/component": "predictor"}
+PREDICTOR_SELECTOR = {
+    "app.kubernetes.io/name": "lsbert",
+    "app.kubernetes.io/instance": RELEASE,
+    "app.kubernetes.io/component": "predictor",
+}
 NO_SCHEMA = {"ServiceMonitor", "PodMonitor", "HTTPRoute", "InferenceService"}
 
 
@@ -33,7 +36,7 @@ def validate_all(m) -> None:
 
 def notes(values: dict[str, Any]) -> str:
     out = run_helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", values=values).stdout
-    return out[out.index("NOTES:"):]
+    return out[out.index("NOTES:") :]
 
 
 def strategy(m) -> dict[str, Any]:
@@ -45,19 +48,40 @@ def strategy(m) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ 1. storage
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"storage": {"pvc": {"accessModes": ["ReadWriteOncePod"]}}}, "ReadWriteOncePod"),
-    ({"storage": {"pvc": {"accessModes": ["ReadWriteMany", "ReadWriteOncePod"]}}}, "ReadWriteOncePod"),
-    ({"storage": {"pvc": {"accessModes": ["ReadOnlyMany"]}}}, "training writes checkpoints"),
-    ({**RWO, **GPU_TRAINER, "storage": {"pvc": {"accessModes": ["ReadWriteOnce"], "colocateTrainer": False}}},
-     "Multi-Attach"),
-    ({"storage": {"pvc": {"existingClaim": "ebs", "accessModes": ["ReadWriteOnce"], "colocateTrainer": "false"}},
-      **GPU_TRAINER}, "a GPU trainer on another node"),
-    ({"storage": {"pvc": {"colocateTrainer": "sometimes"}}}, "colocateTrainer"),
-    ({"storage": {"pvc": {"subPath": "/abs"}}}, "subPath"),
-    ({"storage": {"pvc": {"subPath": "a/../b"}}}, "subPath"),
-], ids=["rwop", "rwx-and-rwop", "rox", "rwo-gpu-trainer-elsewhere", "existing-rwo-gpu", "bad-colocate",
-        "abs-subpath", "dotdot-subpath"])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"storage": {"pvc": {"accessModes": ["ReadWriteOncePod"]}}}, "ReadWriteOncePod"),
+        ({"storage": {"pvc": {"accessModes": ["ReadWriteMany", "ReadWriteOncePod"]}}}, "ReadWriteOncePod"),
+        ({"storage": {"pvc": {"accessModes": ["ReadOnlyMany"]}}}, "training writes checkpoints"),
+        (
+            {**RWO, **GPU_TRAINER, "storage": {"pvc": {"accessModes": ["ReadWriteOnce"], "colocateTrainer": False}}},
+            "Multi-Attach",
+        ),
+        (
+            {
+                "storage": {
+                    "pvc": {"existingClaim": "ebs", "accessModes": ["ReadWriteOnce"], "colocateTrainer": "false"}
+                },
+                **GPU_TRAINER,
+            },
+            "a GPU trainer on another node",
+        ),
+        ({"storage": {"pvc": {"colocateTrainer": "sometimes"}}}, "colocateTrainer"),
+        ({"storage": {"pvc": {"subPath": "/abs"}}}, "subPath"),
+        ({"storage": {"pvc": {"subPath": "a/../b"}}}, "subPath"),
+    ],
+    ids=[
+        "rwop",
+        "rwx-and-rwop",
+        "rox",
+        "rwo-gpu-trainer-elsewhere",
+        "existing-rwo-gpu",
+        "bad-colocate",
+        "abs-subpath",
+        "dotdot-subpath",
+    ],
+)
 def test_storage_that_can_never_work_is_refused(values: dict[str, Any], message: str) -> None:
     assert message in render_error(values)
 
@@ -76,8 +100,13 @@ def test_single_node_claim_recreates_and_colocates_the_trainer(kserve_api: bool)
     assert term == {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": PREDICTOR_SELECTOR}}
     validate_all(m)
     # an explicit strategy still wins; a user's own affinity is kept next to the co-location term
-    own = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-        {"weight": 1, "podAffinityTerm": {"topologyKey": "zone", "labelSelector": {"matchLabels": {"a": "b"}}}}]}}
+    own = {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 1, "podAffinityTerm": {"topologyKey": "zone", "labelSelector": {"matchLabels": {"a": "b"}}}}
+            ]
+        }
+    }
     m = render({**RWO, "deploymentStrategy": {"type": "RollingUpdate"}, "trainer": {"affinity": own}})
     assert strategy(m) == {"type": "RollingUpdate"}
     affinity = m.job_values()["affinity"]
@@ -100,8 +129,11 @@ def test_notes_say_what_the_default_claim_needs() -> None:
 
 
 def test_volume_permissions_init_container_and_sub_path() -> None:
-    values = {"volumePermissions": {"enabled": True}, "storage": {"pvc": {"subPath": "teams/nlp"}},
-              "cache": {"huggingfaceOnClaim": True}}
+    values = {
+        "volumePermissions": {"enabled": True},
+        "storage": {"pvc": {"subPath": "teams/nlp"}},
+        "cache": {"huggingfaceOnClaim": True},
+    }
     for kserve_api in (False, True):
         m = render(values, kserve_api=kserve_api)
         (init,) = m.predictor_pod_spec()["initContainers"]
@@ -119,8 +151,9 @@ def test_volume_permissions_init_container_and_sub_path() -> None:
         if not kserve_api:
             validate_all(m)
     assert "initContainers" not in render().predictor_pod_spec(), "opt-in"
-    assert "storage.type=pvc" in render_error({"volumePermissions": {"enabled": True},
-                                               "storage": {"type": "s3", "s3": {"uri": "s3://b/p"}}})
+    assert "storage.type=pvc" in render_error(
+        {"volumePermissions": {"enabled": True}, "storage": {"type": "s3", "s3": {"uri": "s3://b/p"}}}
+    )
 
 
 def test_ids_can_be_removed_for_platforms_that_assign_them() -> None:
@@ -136,9 +169,16 @@ def test_ids_can_be_removed_for_platforms_that_assign_them() -> None:
 
 
 def test_job_values_for_real_clusters() -> None:
-    m = render({"trainer": {"jobLabels": {"kueue.x-k8s.io/queue-name": "gpu-queue"},
-                            "jobAnnotations": {"team": "nlp"}, "priorityClassName": "training-low",
-                            "backoffLimit": 1}})
+    m = render(
+        {
+            "trainer": {
+                "jobLabels": {"kueue.x-k8s.io/queue-name": "gpu-queue"},
+                "jobAnnotations": {"team": "nlp"},
+                "priorityClassName": "training-low",
+                "backoffLimit": 1,
+            }
+        }
+    )
     v = m.job_values()
     assert v["jobLabels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue" and v["jobAnnotations"] == {"team": "nlp"}
     assert v["priorityClassName"] == "training-low" and v["backoffLimit"] == 1
@@ -147,13 +187,17 @@ def test_job_values_for_real_clusters() -> None:
     assert 0 < defaults["backoffLimit"] <= 3
     rules = defaults["podFailurePolicy"]["rules"]
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
-    assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn",
-                                                 "values": [0]}} in rules
+    assert {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "NotIn", "values": [0]},
+    } in rules
     assert defaults["podAnnotations"]["sidecar.istio.io/inject"] == "false"
     assert "priorityClassName" not in defaults
     # the defaults stay when a user adds an annotation (Helm merges maps)
     assert render({"trainer": {"podAnnotations": {"x": "y"}}}).job_values()["podAnnotations"] == {
-        "sidecar.istio.io/inject": "false", "x": "y"}
+        "sidecar.istio.io/inject": "false",
+        "x": "y",
+    }
     assert render({"trainer": {"podFailurePolicy": None}}).job_values()["podFailurePolicy"] == {}
 
 
@@ -164,12 +208,22 @@ def test_trainer_pods_carry_the_release_labels_and_pod_labels() -> None:
     jobspec = pytest.importorskip("lsbert.launcher.jobspec")
     m = render({"podLabels": {"cost-center": "ml"}, "trainer": {"podLabels": {"gpu": "a100"}}})
     values = jobspec.parse_job_values(m.job_values())
-    job = jobspec.render_job(jobspec.load_template(), values, release=FULLNAME, namespace=NAMESPACE, project=3,
-                             version="finetuned_model-0004")
+    job = jobspec.render_job(
+        jobspec.load_template(),
+        values,
+        release=FULLNAME,
+        namespace=NAMESPACE,
+        project=3,
+        version="finetuned_model-0004",
+    )
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
     deployment_labels = m.get("Deployment")["spec"]["template"]["metadata"]["labels"]
-    for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/part-of",
-                "app.kubernetes.io/version"):
+    for key in (
+        "app.kubernetes.io/name",
+        "app.kubernetes.io/instance",
+        "app.kubernetes.io/part-of",
+        "app.kubernetes.io/version",
+    ):
         assert pod_labels[key] == deployment_labels[key], key
     assert pod_labels["app.kubernetes.io/instance"] == RELEASE
     assert pod_labels["cost-center"] == "ml" and pod_labels["gpu"] == "a100"
@@ -201,23 +255,33 @@ def test_isvc_patch_only_with_the_restart_rollout() -> None:
 def test_inference_service_is_cluster_local_by_default() -> None:
     isvc = render(kserve_api=True).get("InferenceService")
     assert isvc["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
-    exposed = render({"kserve": {"labels": {"networking.kserve.io/visibility": "exposed"}}},
-                     kserve_api=True).get("InferenceService")
+    exposed = render({"kserve": {"labels": {"networking.kserve.io/visibility": "exposed"}}}, kserve_api=True).get(
+        "InferenceService"
+    )
     assert exposed["metadata"]["labels"]["networking.kserve.io/visibility"] == "exposed"
 
 
 def test_network_policy_admits_only_label_studio() -> None:
     assert not render().has("NetworkPolicy")
-    m = render({"networkPolicy": {"enabled": True, "labelStudioNamespace": "label-studio",
-                                  "labelStudioPodLabels": {"app.kubernetes.io/name": "ls-app"},
-                                  "extraFrom": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]}})
+    m = render(
+        {
+            "networkPolicy": {
+                "enabled": True,
+                "labelStudioNamespace": "label-studio",
+                "labelStudioPodLabels": {"app.kubernetes.io/name": "ls-app"},
+                "extraFrom": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}],
+            }
+        }
+    )
     policy = m.get("NetworkPolicy", FULLNAME)
     assert policy["spec"]["podSelector"] == {"matchLabels": PREDICTOR_SELECTOR}
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = policy["spec"]["ingress"]
     assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
-    assert rule["from"][0] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "label-studio"}},
-                               "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ls-app"}}}
+    assert rule["from"][0] == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "label-studio"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ls-app"}},
+    }
     assert rule["from"][1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "test"
     assert rule["from"][2] == {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}
     validate_all(m)
@@ -232,7 +296,8 @@ def test_admission_policy_pins_jobs_of_the_predictor() -> None:
     assert binding["spec"]["policyName"] == policy["metadata"]["name"]
     assert binding["spec"]["validationActions"] == ["Deny"]
     assert binding["spec"]["matchResources"]["namespaceSelector"] == {
-        "matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+        "matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}
+    }
     (condition,) = policy["spec"]["matchConditions"]
     assert condition["expression"] == f"request.userInfo.username == 'system:serviceaccount:{NAMESPACE}:{FULLNAME}'"
     expressions = " ".join(v["expression"] for v in policy["spec"]["validations"])
@@ -244,9 +309,8 @@ def test_admission_policy_pins_jobs_of_the_predictor() -> None:
     for obj in (policy, binding):
         kubernetes_validate.validate(obj, "1.30.0", strict=True)
         kubernetes_validate.validate(obj, K8S, strict=True)
-    with pytest.raises(Exception, match="Kubernetes >= 1.30"):
-        run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", "1.29.5",
-                 values=values)
+    with pytest.raises(Exception, match=r"Kubernetes >= 1\.30"):
+        run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", "1.29.5", values=values)
     assert "trainer.launcher=kubernetes" in render_error({**values, "trainer": {"launcher": "local"}})
 
 
@@ -288,8 +352,9 @@ def test_hugging_face_cache_on_the_claim() -> None:
     assert m.predictor_env()["HF_HOME"]["value"] == "/var/lib/lsbert/models/.huggingface"
     assert {e["name"]: e for e in m.job_values()["env"]}["HF_HOME"]["value"] == "/var/lib/lsbert/models/.huggingface"
     assert render().predictor_env()["HF_HOME"]["value"] == "/var/cache/lsbert/huggingface"
-    assert "storage.type=pvc" in render_error({"cache": {"huggingfaceOnClaim": True},
-                                               "storage": {"type": "s3", "s3": {"uri": "s3://b/p"}}})
+    assert "storage.type=pvc" in render_error(
+        {"cache": {"huggingfaceOnClaim": True}, "storage": {"type": "s3", "s3": {"uri": "s3://b/p"}}}
+    )
 
 
 # ----------------------------------------------------------------------------------- 10. operations
@@ -299,8 +364,10 @@ def test_pod_disruption_budget() -> None:
     pdb = render().get("PodDisruptionBudget", FULLNAME)
     assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": PREDICTOR_SELECTOR}}
     kubernetes_validate.validate(pdb, K8S, strict=True)
-    assert render({"podDisruptionBudget": {"minAvailable": "50%"}}).get("PodDisruptionBudget")["spec"][
-        "minAvailable"] == "50%"
+    assert (
+        render({"podDisruptionBudget": {"minAvailable": "50%"}}).get("PodDisruptionBudget")["spec"]["minAvailable"]
+        == "50%"
+    )
     assert not render({"podDisruptionBudget": {"enabled": False}}).has("PodDisruptionBudget")
 
 
@@ -317,10 +384,19 @@ def test_service_monitor_or_pod_monitor() -> None:
 
 @pytest.mark.parametrize("kserve_api, service, port", [(False, FULLNAME, 8080), (True, f"{FULLNAME}-predictor", 80)])
 def test_ingress_and_http_route(kserve_api: bool, service: str, port: int) -> None:
-    values = {"ingress": {"enabled": True, "className": "nginx", "hosts": ["lsbert.example.com"],
-                          "tls": [{"hosts": ["lsbert.example.com"], "secretName": "lsbert-tls"}]},
-              "httpRoute": {"enabled": True, "parentRefs": [{"name": "gw", "namespace": "gateways"}],
-                            "hostnames": ["lsbert.example.com"]}}
+    values = {
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "hosts": ["lsbert.example.com"],
+            "tls": [{"hosts": ["lsbert.example.com"], "secretName": "lsbert-tls"}],
+        },
+        "httpRoute": {
+            "enabled": True,
+            "parentRefs": [{"name": "gw", "namespace": "gateways"}],
+            "hostnames": ["lsbert.example.com"],
+        },
+    }
     m = render(values, kserve_api=kserve_api)
     ingress = m.get("Ingress", FULLNAME)
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
@@ -335,12 +411,35 @@ def test_ingress_and_http_route(kserve_api: bool, service: str, port: int) -> No
 
 
 def test_topology_spread_selects_the_predictor_pods() -> None:
-    spread = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"},
-              {"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
-               "labelSelector": {"matchLabels": {"own": "x"}}}]
+    spread = [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"},
+        {
+            "maxSkew": 2,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": {"own": "x"}},
+        },
+    ]
     for kserve_api in (False, True):
         got = render({"topologySpreadConstraints": spread}, kserve_api=kserve_api).predictor_pod_spec()[
-            "topologySpreadConstraints"]
+            "topologySpreadConstraints"
+        ]
         assert got[0] == {**spread[0], "labelSelector": {"matchLabels": PREDICTOR_SELECTOR}}
         assert got[1] == spread[1]
     validate_all(render({"topologySpreadConstraints": spread}))
+
+
+# ------------------------------------------------------------------------------------------ preStop drain
+
+
+@pytest.mark.parametrize("kserve", [False, True], ids=["deployment", "inferenceservice"])
+def test_predictor_keeps_serving_until_the_service_forgets_it(kserve: bool) -> None:
+    """A stopping predictor sleeps in preStop before SIGTERM (the server then closes its listener), so a
+    rolling update never sends a new connection to a closed port; 0 turns it off."""
+    values = {"kserve": {"enabled": kserve}}
+    m = render(values)
+    assert m.predictor_container()["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+    assert m.predictor_pod_spec()["terminationGracePeriodSeconds"] > 5
+    validate_all(m)
+    assert "lifecycle" not in render({**values, "preStopSleepSeconds": 0}).predictor_container()
+    assert "preStopSleepSeconds" in render_error({**values, "preStopSleepSeconds": -1})

@@ -29,8 +29,7 @@ SUPPORTED = {"RawDeployment", "Standard"}
 
 VARIANTS = {
     "defaults": {"kserve": {"enabled": True}},
-    "autoscaling": {"kserve": {"enabled": True},
-                    "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3}},
+    "autoscaling": {"kserve": {"enabled": True}, "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3}},
     "gpu-restart": {"kserve": {"enabled": True}, "gpu": {"enabled": True}, "rollout": {"strategy": "restart"}},
     "standard-name": {"kserve": {"enabled": True, "deploymentMode": "Standard"}},
 }
@@ -67,8 +66,9 @@ def test_schema_refuses_modes_the_chart_cannot_run(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["Serverless", "Knative"])
 def test_template_refuses_knative_even_without_the_schema(mode: str) -> None:
     with pytest.raises(HelmError) as err:
-        run_helm(*template_args(), "--skip-schema-validation",
-                 values={"kserve": {"enabled": True, "deploymentMode": mode}})
+        run_helm(
+            *template_args(), "--skip-schema-validation", values={"kserve": {"enabled": True, "deploymentMode": mode}}
+        )
     message = err.value.stderr
     assert f"kserve.deploymentMode={mode} is not supported" in message
     assert "Use RawDeployment (any KServe >= 0.15) or Standard (KServe >= 0.16)" in message

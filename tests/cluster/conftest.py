@@ -68,12 +68,22 @@ def namespace(control_plane: ControlPlane, request) -> Iterator[str]:
         yield name
     finally:
         if os.environ.get("LSBERT_K8S_KEEP") != "1":
-            control_plane.helm("uninstall", "--ignore-not-found", "--wait", "--timeout", "2m",
-                               *_releases(control_plane, name), "-n", name, check=False, timeout=150)
-            control_plane.kubectl("delete", "namespace", name, "--wait=true", "--timeout=120s", check=False,
-                                  timeout=150)
-            control_plane.kubectl("delete", "pv", "-l", f"lsbert.test/namespace={name}", "--wait=false",
-                                  check=False)
+            control_plane.helm(
+                "uninstall",
+                "--ignore-not-found",
+                "--wait",
+                "--timeout",
+                "2m",
+                *_releases(control_plane, name),
+                "-n",
+                name,
+                check=False,
+                timeout=150,
+            )
+            control_plane.kubectl(
+                "delete", "namespace", name, "--wait=true", "--timeout=120s", check=False, timeout=150
+            )
+            control_plane.kubectl("delete", "pv", "-l", f"lsbert.test/namespace={name}", "--wait=false", check=False)
 
 
 def _releases(cp: ControlPlane, namespace: str) -> list[str]:
@@ -105,8 +115,12 @@ def node_s3(real_node) -> Iterator[dict]:
         s.bind((NODE_IP, 0))
         port = s.getsockname()[1]
     log = open(real_node.dir / "logs" / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", NODE_IP, "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", NODE_IP, "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     endpoint = f"http://{NODE_IP}:{port}"
     creds = {"aws_access_key_id": "lsbert-test", "aws_secret_access_key": "lsbert-test-" + uuid.uuid4().hex[:8]}
     deadline = time.monotonic() + 60

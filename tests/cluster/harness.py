@@ -35,8 +35,16 @@ AUTH_PASSWORD = "pw-" + uuid.uuid4().hex[:12]
 PROGRESS = re.compile(r"epoch \d+/\d+|step \d+", re.IGNORECASE)
 
 
-def chart_values(images: Any, *, ls_url: str, api_key: str, baseline_dir: Path, storage: dict[str, Any],
-                 settings: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def chart_values(
+    images: Any,
+    *,
+    ls_url: str,
+    api_key: str,
+    baseline_dir: Path,
+    storage: dict[str, Any],
+    settings: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Values for a plain-Deployment release whose pods and training Jobs run on the real node."""
     volume = {"name": "baseline", "hostPath": {"path": str(baseline_dir), "type": "Directory"}}
     mount = {"name": "baseline", "mountPath": BASELINE_MOUNT, "readOnly": True}
@@ -56,8 +64,14 @@ def chart_values(images: Any, *, ls_url: str, api_key: str, baseline_dir: Path, 
         "labelStudio": {"url": ls_url, "apiKey": api_key},
         "basicAuth": {"enabled": True, "user": AUTH_USER, "password": AUTH_PASSWORD},
         "rollout": {"pollSeconds": 2},
-        "settings": {"LOG_LEVEL": "INFO", "START_TRAINING_EACH_N_UPDATES": 0, "THREADS": 4,
-                     "NUM_TRAIN_EPOCHS": 4, "LEARNING_RATE": "1e-4", **(settings or {})},
+        "settings": {
+            "LOG_LEVEL": "INFO",
+            "START_TRAINING_EACH_N_UPDATES": 0,
+            "THREADS": 4,
+            "NUM_TRAIN_EPOCHS": 4,
+            "LEARNING_RATE": "1e-4",
+            **(settings or {}),
+        },
         "storage": storage,
         "trainer": {
             "image": {"repository": train_repo, "tag": train_tag, "pullPolicy": "Never"},
@@ -97,6 +111,8 @@ class Release:
     workdir: Path
     install_output: str = ""
     pvs: list[str] = field(default_factory=list)
+    # The predictor Service when it is not the chart's plain one (KServe makes "<fullname>-predictor").
+    service: str = ""
 
     @property
     def fullname(self) -> str:
@@ -104,7 +120,7 @@ class Release:
 
     def service_url(self) -> str:
         """The predictor Service's ClusterIP URL (reachable from this host through kube-proxy)."""
-        svc = self.cp.kubectl("get", "svc", self.fullname, "-n", self.namespace, "-o", "json").stdout
+        svc = self.cp.kubectl("get", "svc", self.service or self.fullname, "-n", self.namespace, "-o", "json").stdout
         spec = json.loads(svc)["spec"]
         return f"http://{spec['clusterIP']}:{spec['ports'][0]['port']}"
 
@@ -116,8 +132,9 @@ class Release:
         return m.group(1)
 
     def predictor_pods(self) -> list[dict[str, Any]]:
-        out = self.cp.kubectl("get", "pods", "-n", self.namespace, "-l",
-                              "app.kubernetes.io/component=predictor", "-o", "json").stdout
+        out = self.cp.kubectl(
+            "get", "pods", "-n", self.namespace, "-l", "app.kubernetes.io/component=predictor", "-o", "json"
+        ).stdout
         return [p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")]
 
     def jobs(self) -> list[dict[str, Any]]:
@@ -134,15 +151,17 @@ class Release:
         return requests.post(self.service_url() + path, auth=basic_auth(), timeout=kw.pop("timeout", 30), **kw)
 
 
-def create_hostpath_pv(cp: ControlPlane, name: str, path: Path, storage_class: str, *, owner: int | None = APP_UID,
-                       size: str = "2Gi") -> None:
+def create_hostpath_pv(
+    cp: ControlPlane, name: str, path: Path, storage_class: str, *, owner: int | None = APP_UID, size: str = "2Gi"
+) -> None:
     """A PersistentVolume backed by a directory of this host, on the real node (what a local provisioner makes)."""
     path.mkdir(parents=True, exist_ok=True)
     if owner is not None:
         os.chown(path, owner, owner)
     path.chmod(0o775)
     pv = {
-        "apiVersion": "v1", "kind": "PersistentVolume",
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
         "metadata": {"name": name, "labels": {"lsbert.test/pv": "true"}},
         "spec": {
             "capacity": {"storage": size},
@@ -150,15 +169,32 @@ def create_hostpath_pv(cp: ControlPlane, name: str, path: Path, storage_class: s
             "persistentVolumeReclaimPolicy": "Retain",
             "storageClassName": storage_class,
             "hostPath": {"path": str(path), "type": "Directory"},
-            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}]}]}},
+            "nodeAffinity": {
+                "required": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}
+                            ]
+                        }
+                    ]
+                }
+            },
         },
     }
     cp.kubectl("apply", "-f", "-", input=json.dumps(pv))
 
 
-def install(cp: ControlPlane, namespace: str, name: str, values: dict[str, Any], workdir: Path, *,
-            wait: bool = True, timeout: str = "6m") -> Release:
+def install(
+    cp: ControlPlane,
+    namespace: str,
+    name: str,
+    values: dict[str, Any],
+    workdir: Path,
+    *,
+    wait: bool = True,
+    timeout: str = "6m",
+) -> Release:
     workdir.mkdir(parents=True, exist_ok=True)
     values_file = workdir / f"{name}-values.yaml"
     values_file.write_text(yaml.safe_dump(values))
@@ -237,7 +273,10 @@ class LogFollower:
         self._fh = open(path, "wb")
         self.proc = subprocess.Popen(
             [str(cp.binary("kubectl")), "logs", "-f", target, "-n", namespace, "--pod-running-timeout=3m"],
-            stdout=self._fh, stderr=subprocess.STDOUT, env=cp.env(), start_new_session=True,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env=cp.env(),
+            start_new_session=True,
         )
 
     def text(self) -> str:

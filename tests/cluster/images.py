@@ -156,8 +156,12 @@ def inputs_hash(base_tag: str, torch_index: str = TORCH_INDEX, root: Path = REPO
 def host_ca_bundle() -> Path:
     """The CA bundle pip uses on this machine (PIP_CERT, pip's configuration, then the system's)."""
     candidates = [os.environ.get("PIP_CERT")]
-    config_files = [Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf"),
-                    Path.home() / ".config" / "pip" / "pip.conf", Path.home() / ".pip" / "pip.conf"]
+    config_files = [
+        Path("/etc/pip.conf"),
+        Path("/etc/xdg/pip/pip.conf"),
+        Path.home() / ".config" / "pip" / "pip.conf",
+        Path.home() / ".pip" / "pip.conf",
+    ]
     if os.environ.get("PIP_CONFIG_FILE"):
         config_files.append(Path(os.environ["PIP_CONFIG_FILE"]))
     for conf in reversed(config_files):  # the most specific first
@@ -166,8 +170,11 @@ def host_ca_bundle() -> Path:
             parser.read(conf)
             for section in ("install", "global"):
                 candidates.append(parser.get(section, "cert", fallback=None))
-    candidates += [os.environ.get("SSL_CERT_FILE"), os.environ.get("REQUESTS_CA_BUNDLE"),
-                   "/etc/ssl/certs/ca-certificates.crt"]
+    candidates += [
+        os.environ.get("SSL_CERT_FILE"),
+        os.environ.get("REQUESTS_CA_BUNDLE"),
+        "/etc/ssl/certs/ca-certificates.crt",
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
@@ -200,15 +207,16 @@ def base_tag(ca_bundle: Path) -> str:
 # ------------------------------------------------------------------------------------------ host setup
 def _run(cmd: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
     kwargs.setdefault("check", True)
-    return subprocess.run(list(cmd), **kwargs)  # noqa: PLW1510 (check defaults to True above)
+    return subprocess.run(list(cmd), **kwargs)
 
 
 def ensure_debian_packages(packages: Sequence[str] = DEBIAN_PACKAGES) -> None:
     """apt-get install what is missing (nothing when all are installed)."""
     missing = []
     for package in packages:
-        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True,
-                                check=False)
+        status = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False
+        )
         if status.returncode != 0 or "install ok installed" not in status.stdout:
             missing.append(package)
     if not missing:
@@ -218,8 +226,9 @@ def ensure_debian_packages(packages: Sequence[str] = DEBIAN_PACKAGES) -> None:
     with timed(f"apt-get install {' '.join(missing)}"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         _run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
-        _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env,
-             stdout=subprocess.DEVNULL)
+        _run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env, stdout=subprocess.DEVNULL
+        )
 
 
 def _mounts_under(*roots: Path) -> list[str]:
@@ -295,8 +304,11 @@ def _our_processes() -> list[int]:
     pids = set()
     marker = str(RUN_DIR)
     for entry in Path("/proc").iterdir():
-        if (entry.name.isdigit() and int(entry.name) != os.getpid()
-                and any(arg.endswith(marker) or marker + "/" in arg for arg in _cmdline(int(entry.name))[1:])):
+        if (
+            entry.name.isdigit()
+            and int(entry.name) != os.getpid()
+            and any(arg.endswith(marker) or marker + "/" in arg for arg in _cmdline(int(entry.name))[1:])
+        ):
             pids.add(int(entry.name))
     for top in _cgroup_dirs():
         for procs in top.glob("**/cgroup.procs"):
@@ -361,8 +373,12 @@ class PrivateDocker:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.docker = shutil.which("docker", path="/usr/bin") or shutil.which("docker") or "docker"
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{SOCKET}", "DOCKER_BUILDKIT": "0",
-                    "DOCKER_CONFIG": str(RUN_DIR / "client")}
+        self.env = {
+            **os.environ,
+            "DOCKER_HOST": f"unix://{SOCKET}",
+            "DOCKER_BUILDKIT": "0",
+            "DOCKER_CONFIG": str(RUN_DIR / "client"),
+        }
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -382,13 +398,18 @@ class PrivateDocker:
             f"--pidfile={PIDFILE}",
             f"--cgroup-parent={CGROUP_PARENT}",
             "--storage-driver=overlay2",
-            "--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-masq=false", "--ip-forward=false",
+            "--bridge=none",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--ip-masq=false",
+            "--ip-forward=false",
             "--log-level=warn",
         ]
         with timed("dockerd start"):
             with open(log_path, "wb") as out:
-                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+                self.proc = subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                )
             deadline = time.monotonic() + 60
             while True:
                 if self.proc.poll() is not None:
@@ -415,7 +436,7 @@ class PrivateDocker:
 
     def run(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("check", True)
-        return subprocess.run([self.docker, *args], env=self.env, **kwargs)  # noqa: PLW1510 (see setdefault)
+        return subprocess.run([self.docker, *args], env=self.env, **kwargs)
 
     def out(self, *args: str) -> str:
         return self.run(*args, capture_output=True, text=True).stdout.strip()
@@ -456,9 +477,19 @@ def make_base_image(docker: PrivateDocker, tag: str, ca_bundle: Path) -> None:
     try:
         with timed("debootstrap"), open(log_path, "wb") as out:
             result = subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-                 f"--cache-dir={debs}", BASE_SUITE, str(rootfs), DEBIAN_MIRROR],
-                stdout=out, stderr=subprocess.STDOUT, check=False)
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(BASE_PACKAGES)}",
+                    f"--cache-dir={debs}",
+                    BASE_SUITE,
+                    str(rootfs),
+                    DEBIAN_MIRROR,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
             if result.returncode != 0:
                 raise ImageBuildError(f"debootstrap failed ({result.returncode}):\n{_tail(log_path)}")
         _unmount_all(rootfs)  # debootstrap unmounts /proc and /sys itself; a failed run may not
@@ -471,12 +502,33 @@ def make_base_image(docker: PrivateDocker, tag: str, ca_bundle: Path) -> None:
         with timed(f"docker import {tag}"):
             changes = [arg for env in BASE_ENV for arg in ("--change", f"ENV {env}")]
             tar = subprocess.Popen(
-                ["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs),
-                 "--exclude=./dev/*", "--exclude=./proc/*", "--exclude=./sys/*", "--exclude=./run/*",
-                 "-cf", "-", "."], stdout=subprocess.PIPE)
+                [
+                    "tar",
+                    "--numeric-owner",
+                    "--xattrs",
+                    "-C",
+                    str(rootfs),
+                    "--exclude=./dev/*",
+                    "--exclude=./proc/*",
+                    "--exclude=./sys/*",
+                    "--exclude=./run/*",
+                    "-cf",
+                    "-",
+                    ".",
+                ],
+                stdout=subprocess.PIPE,
+            )
             try:
-                docker.run("import", *changes, "--change", 'CMD ["python3"]', "-", tag, stdin=tar.stdout,
-                           stdout=subprocess.DEVNULL)
+                docker.run(
+                    "import",
+                    *changes,
+                    "--change",
+                    'CMD ["python3"]',
+                    "-",
+                    tag,
+                    stdin=tar.stdout,
+                    stdout=subprocess.DEVNULL,
+                )
             finally:
                 tar.stdout.close()
                 if tar.wait() != 0:
@@ -486,12 +538,25 @@ def make_base_image(docker: PrivateDocker, tag: str, ca_bundle: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the builds
-def _build(docker: PrivateDocker, dockerfile: Path, tag: str, base: str, torch_index: str,
-           target: str | None = None) -> None:
+def _build(
+    docker: PrivateDocker, dockerfile: Path, tag: str, base: str, torch_index: str, target: str | None = None
+) -> None:
     name = tag.split(":")[0]
     log_path = STATE / f"build-{name}.log"
-    cmd = ["build", "--network", "host", "--force-rm", "--file", str(dockerfile), "--tag", tag,
-           "--build-arg", f"PYTHON_IMAGE={base}", "--build-arg", f"TORCH_INDEX={torch_index}"]
+    cmd = [
+        "build",
+        "--network",
+        "host",
+        "--force-rm",
+        "--file",
+        str(dockerfile),
+        "--tag",
+        tag,
+        "--build-arg",
+        f"PYTHON_IMAGE={base}",
+        "--build-arg",
+        f"TORCH_INDEX={torch_index}",
+    ]
     if target:
         cmd += ["--target", target]
     start = time.monotonic()
@@ -522,8 +587,11 @@ def superseded(tags: Sequence[str], stamps: Sequence[dict], keep_builds: int = K
         keep.update(stamp[key] for key in ("predictor", "trainer", "build_stage", "base") if key in stamp)
         if "hash" in stamp:
             keep.add(f"lsbert-build:{TAG_PREFIX}{stamp['hash'][:12]}")
-    return [tag for tag in tags if ":" in tag and tag.split(":")[0] in REPOS
-            and tag.split(":", 1)[1].startswith(TAG_PREFIX) and tag not in keep]
+    return [
+        tag
+        for tag in tags
+        if ":" in tag and tag.split(":")[0] in REPOS and tag.split(":", 1)[1].startswith(TAG_PREFIX) and tag not in keep
+    ]
 
 
 def _remove_superseded(docker: PrivateDocker, keep_builds: int = KEEP_BUILDS) -> None:
@@ -569,8 +637,11 @@ def _in_data_root(tag: str, image_id: str) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     name = tag.split(":")[0]
-    return (bool(image_id) and repos.get(name, {}).get(tag) == image_id
-            and (store / "imagedb" / "content" / "sha256" / image_id.removeprefix("sha256:")).is_file())
+    return (
+        bool(image_id)
+        and repos.get(name, {}).get(tag) == image_id
+        and (store / "imagedb" / "content" / "sha256" / image_id.removeprefix("sha256:")).is_file()
+    )
 
 
 def ensure_images(torch_index: str = TORCH_INDEX) -> Images:
@@ -587,15 +658,17 @@ def ensure_images(torch_index: str = TORCH_INDEX) -> Images:
         found = _stamp_images(digest)  # another process may have built them while we waited
         if found:
             return found
-        images = Images(predictor=f"lsbert-predictor:{TAG_PREFIX}{digest[:12]}",
-                        trainer=f"lsbert-trainer:{TAG_PREFIX}{digest[:12]}")
+        images = Images(
+            predictor=f"lsbert-predictor:{TAG_PREFIX}{digest[:12]}", trainer=f"lsbert-trainer:{TAG_PREFIX}{digest[:12]}"
+        )
         build_stage = f"lsbert-build:{TAG_PREFIX}{digest[:12]}"
         with PrivateDocker() as docker:
             if not all(docker.has_image(tag) for tag in images.tags):
                 free = _free_bytes(DATA_ROOT)
                 if free < MIN_FREE_BYTES:
-                    raise ImageBuildError(f"{free / 1e9:.1f} GB free under {DATA_ROOT}; the builds need "
-                                          f"{MIN_FREE_BYTES / 1e9:.0f} GB")
+                    raise ImageBuildError(
+                        f"{free / 1e9:.1f} GB free under {DATA_ROOT}; the builds need {MIN_FREE_BYTES / 1e9:.0f} GB"
+                    )
                 if docker.has_image(base):
                     log(f"base {base} present")
                 else:
@@ -605,12 +678,18 @@ def ensure_images(torch_index: str = TORCH_INDEX) -> Images:
                 _build(docker, DOCKERFILES["predictor"], build_stage, base, torch_index, target="build")
                 _build(docker, DOCKERFILES["predictor"], images.predictor, base, torch_index)
                 _build(docker, DOCKERFILES["trainer"], images.trainer, base, torch_index)
-            images = Images(images.predictor, images.trainer,
-                            ids={tag: docker.image_id(tag) for tag in images.tags})
+            images = Images(images.predictor, images.trainer, ids={tag: docker.image_id(tag) for tag in images.tags})
             STAMPS.mkdir(parents=True, exist_ok=True)
-            stamp = {"hash": digest, "predictor": images.predictor, "trainer": images.trainer, "ids": images.ids,
-                     "build_stage": build_stage, "base": base, "torch_index": torch_index,
-                     "built": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.gmtime())}
+            stamp = {
+                "hash": digest,
+                "predictor": images.predictor,
+                "trainer": images.trainer,
+                "ids": images.ids,
+                "build_stage": build_stage,
+                "base": base,
+                "torch_index": torch_index,
+                "built": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.gmtime()),
+            }
             _stamp_path(digest).write_text(json.dumps(stamp, indent=2) + "\n")
             _remove_superseded(docker)
     log(f"ready: {images.predictor}, {images.trainer} ({time.monotonic() - start:.1f} s)")
@@ -650,15 +729,23 @@ def _config_digest_in_containerd(ctr: str, socket: Path, namespace: str, ref: st
     return None
 
 
-def load_into_containerd(socket: Path, namespace: str = "k8s.io", images: Images | None = None,
-                         ctr: str | None = None, snapshotter: str | None = None) -> list[str]:
+def load_into_containerd(
+    socket: Path,
+    namespace: str = "k8s.io",
+    images: Images | None = None,
+    ctr: str | None = None,
+    snapshotter: str | None = None,
+) -> list[str]:
     """Import both images into the containerd at `socket` unless that exact image (same config digest as
     the one built) is already there. Returns the containerd refs imported (empty when none was needed).
     Pods use the plain tags (``lsbert-predictor:test-...``) with imagePullPolicy Never or IfNotPresent."""
     images = images or ensure_images()
     ctr = ctr or shutil.which("ctr") or "/usr/bin/ctr"
-    missing = [tag for tag in images.tags
-               if _config_digest_in_containerd(ctr, socket, namespace, containerd_ref(tag)) != images.ids.get(tag)]
+    missing = [
+        tag
+        for tag in images.tags
+        if _config_digest_in_containerd(ctr, socket, namespace, containerd_ref(tag)) != images.ids.get(tag)
+    ]
     if not missing:
         log(f"containerd {socket} ({namespace}) has both images")
         return []
@@ -672,8 +759,10 @@ def load_into_containerd(socket: Path, namespace: str = "k8s.io", images: Images
             save.stdout.close()
             save.wait()
         if save.returncode != 0 or result.returncode != 0:
-            raise ImageBuildError(f"docker save | ctr images import failed ({save.returncode}/{result.returncode}): "
-                                  f"{result.stderr.strip()[-2000:]}")
+            raise ImageBuildError(
+                f"docker save | ctr images import failed ({save.returncode}/{result.returncode}): "
+                f"{result.stderr.strip()[-2000:]}"
+            )
     refs = [containerd_ref(tag) for tag in missing]
     for tag, ref in zip(missing, refs):
         if _config_digest_in_containerd(ctr, socket, namespace, ref) != images.ids.get(tag):
@@ -695,8 +784,9 @@ def layer_report(images: Images) -> dict:
     store = DATA_ROOT / "image" / "overlay2"
     sizes: dict[str, dict[str, int]] = {}
     for tag in images.tags:
-        config = json.loads((store / "imagedb" / "content" / "sha256" /
-                             images.ids[tag].removeprefix("sha256:")).read_text())
+        config = json.loads(
+            (store / "imagedb" / "content" / "sha256" / images.ids[tag].removeprefix("sha256:")).read_text()
+        )
         layers = {}
         for chain in _chain_ids(config["rootfs"]["diff_ids"]):
             layers[chain] = int((store / "layerdb" / "sha256" / chain.removeprefix("sha256:") / "size").read_text())

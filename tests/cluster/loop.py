@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import requests
 
@@ -22,8 +22,15 @@ def connect(ls, release: harness.Release, title: str, n_tasks: int, seed: int = 
     project = create_text_project(client, title, LABELS, from_name="verdict")
     task_ids = import_texts(client, project.id, [text for text, _ in data])
     user, password = harness.basic_auth()
-    backend = connect_backend(ls, project.id, release.service_url(), title="lsbert", auth_method="BASIC_AUTH",
-                              basic_auth_user=user, basic_auth_pass=password)
+    backend = connect_backend(
+        ls,
+        project.id,
+        release.service_url(),
+        title="lsbert",
+        auth_method="BASIC_AUTH",
+        basic_auth_user=user,
+        basic_auth_pass=password,
+    )
     assert backend["state"] == "CO", backend
     # Label Studio sends no credentials on event webhooks: give the one it registered the header (NOTES step 3).
     for hook in ls.request("GET", f"/api/webhooks/?project={project.id}").json():
@@ -40,8 +47,12 @@ def served_version(release: harness.Release, project) -> str:
 
 
 def retrieve_predictions(ls, project_id: int, task_ids: list[int]) -> None:
-    ls.request("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
-               json={"selectedItems": {"all": False, "included": task_ids}}, timeout=180)
+    ls.request(
+        "POST",
+        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
+        json={"selectedItems": {"all": False, "included": task_ids}},
+        timeout=180,
+    )
 
 
 def stored_versions(ls, task_ids: list[int]) -> set[str]:
@@ -53,14 +64,27 @@ def stored_versions(ls, task_ids: list[int]) -> set[str]:
 
 def annotate(ls, task_ids: list[int], truth: dict[int, str]) -> None:
     for task_id in task_ids:
-        ls.request("POST", f"/api/tasks/{task_id}/annotations/", json={"result": [{
-            "from_name": "verdict", "to_name": "text", "type": "choices", "value": {"choices": [truth[task_id]]}}]})
+        ls.request(
+            "POST",
+            f"/api/tasks/{task_id}/annotations/",
+            json={
+                "result": [
+                    {
+                        "from_name": "verdict",
+                        "to_name": "text",
+                        "type": "choices",
+                        "value": {"choices": [truth[task_id]]},
+                    }
+                ]
+            },
+        )
 
 
 def wait_job(release: harness.Release, project_id: int, timeout: float = 120) -> dict[str, Any]:
     def job() -> dict[str, Any] | None:
-        jobs = [j for j in release.jobs()
-                if j["metadata"].get("labels", {}).get("lsbert.io/project") == str(project_id)]
+        jobs = [
+            j for j in release.jobs() if j["metadata"].get("labels", {}).get("lsbert.io/project") == str(project_id)
+        ]
         return jobs[0] if jobs else None
 
     try:
@@ -83,8 +107,21 @@ def wait_trainer_pod(release: harness.Release, job_name: str, timeout: float = 1
         raise AssertionError(harness.describe(release)) from None
 
 
-def full_loop(ls, release: harness.Release, workdir, *, title: str, n_train: int = 200, n_check: int = 30) -> dict:
-    """Annotate, press Start Training, follow the Job's logs, wait for the swap, re-predict. Returns figures."""
+def full_loop(
+    ls,
+    release: harness.Release,
+    workdir,
+    *,
+    title: str,
+    n_train: int = 200,
+    n_check: int = 30,
+    swap_timeout: float = 120,
+    settle: Optional[Callable[[Any, str], None]] = None,
+) -> dict:
+    """Annotate, press Start Training, follow the Job's logs, wait for the swap, re-predict. Returns figures.
+
+    ``settle(project, new_version)`` runs after the first answer with the new version and before Label Studio
+    re-predicts: e.g. waiting for a rolling update, while old pods could still answer with the old version."""
     ctx = connect(ls, release, title, n_train + n_check)
     project, task_ids, truth = ctx["project"], ctx["task_ids"], ctx["truth"]
     train_ids, check_ids = task_ids[:n_train], task_ids[n_train:]
@@ -120,16 +157,26 @@ def full_loop(ls, release: harness.Release, workdir, *, title: str, n_train: int
         return version if version != before else None
 
     try:
-        after = harness.wait_for(swapped, 120, "the predictor to serve the new version", interval=2)
+        after = harness.wait_for(swapped, swap_timeout, "the predictor to serve the new version", interval=2)
     except TimeoutError:
-        raise AssertionError(f"no swap. /health: {release.get('/health').json()}\nlogs:\n{logs[-3000:]}") from None
+        raise AssertionError(
+            f"no swap. /health: {release.get('/health').json()}\nlogs:\n{logs[-3000:]}\n{harness.describe(release)}"
+        ) from None
+    if settle is not None:
+        settle(project, after)
     loop_seconds = time.monotonic() - t0
     retrieve_predictions(ls, project.id, check_ids)
     assert after in stored_versions(ls, check_ids), "Label Studio did not store predictions of the new version"
     state = ls.request("GET", f"/api/ml/{ctx['backend']['id']}").json()
     assert state["state"] == "CO" and not state.get("error_message"), state
-    return {"before": before, "after": after, "job": job_name, "logs": logs, "loop_seconds": loop_seconds,
-            "project": project}
+    return {
+        "before": before,
+        "after": after,
+        "job": job_name,
+        "logs": logs,
+        "loop_seconds": loop_seconds,
+        "project": project,
+    }
 
 
 def health(release: harness.Release) -> dict[str, Any]:

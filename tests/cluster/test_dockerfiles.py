@@ -51,8 +51,11 @@ PARTS = {name: _split(path) for name, path in images.DOCKERFILES.items()}
 def test_everything_from_the_first_from_to_the_tail_is_identical() -> None:
     predictor, trainer = PARTS["predictor"][1], PARTS["trainer"][1]
     if predictor != trainer:
-        diff = [f"{i + 1}: {a!r} != {b!r}" for i, (a, b) in
-                enumerate(zip(predictor.splitlines(), trainer.splitlines())) if a != b]
+        diff = [
+            f"{i + 1}: {a!r} != {b!r}"
+            for i, (a, b) in enumerate(zip(predictor.splitlines(), trainer.splitlines()))
+            if a != b
+        ]
         pytest.fail("shared parts differ:\n" + "\n".join(diff[:10] or ["(one is longer)"]))
 
 
@@ -64,14 +67,17 @@ def test_only_the_torch_index_default_differs_above_the_first_from() -> None:
 
 def test_the_shared_part_holds_every_large_layer_and_the_source_comes_late() -> None:
     lines = _instructions(PARTS["predictor"][1])
-    index = {key: next(i for i, line in enumerate(lines) if pattern in line) for key, pattern in {
-        "torch": 'pip install --no-cache-dir --index-url "${index_url}" "torch==${TORCH_VERSION}"',
-        "dependencies": "pip install --no-cache-dir -r /tmp/requirements.txt",
-        "source": "COPY src/ src/",
-        "wheel": "pip wheel --no-cache-dir --no-deps",
-        "venv": "COPY --from=build /opt/venv /opt/venv",
-        "lsbert": "pip install --no-cache-dir --no-deps --no-index",
-    }.items()}
+    index = {
+        key: next(i for i, line in enumerate(lines) if pattern in line)
+        for key, pattern in {
+            "torch": 'pip install --no-cache-dir --index-url "${index_url}" "torch==${TORCH_VERSION}"',
+            "dependencies": "pip install --no-cache-dir -r /tmp/requirements.txt",
+            "source": "COPY src/ src/",
+            "wheel": "pip wheel --no-cache-dir --no-deps",
+            "venv": "COPY --from=build /opt/venv /opt/venv",
+            "lsbert": "pip install --no-cache-dir --no-deps --no-index",
+        }.items()
+    }
     index["runtime"] = lines.index("FROM ${PYTHON_IMAGE}")
     assert index["torch"] < index["dependencies"] < index["source"] < index["wheel"] < index["runtime"]
     assert index["runtime"] < index["venv"] < index["lsbert"]
@@ -87,8 +93,9 @@ def test_the_tails_hold_only_metadata_and_the_predictor_job_template() -> None:
         for line in _instructions(parts[2]):
             keyword = line.split()[0]
             assert keyword in {"ENV", "ARG", "LABEL", "EXPOSE", "ENTRYPOINT", "CMD"}, f"{name}: {line}"
-    assert "NVIDIA_VISIBLE_DEVICES" not in images.DOCKERFILES["trainer"].read_text(), \
+    assert "NVIDIA_VISIBLE_DEVICES" not in images.DOCKERFILES["trainer"].read_text(), (
         "the device plugin sets NVIDIA_VISIBLE_DEVICES for the GPUs a pod gets"
+    )
 
 
 def test_the_dependency_layer_installs_exactly_pyprojects_dependencies(tmp_path: Path) -> None:
@@ -96,8 +103,9 @@ def test_the_dependency_layer_installs_exactly_pyprojects_dependencies(tmp_path:
     program = re.search(r"python -c '([^']+)'", command).group(1)
     shutil.copy(images.REPO_ROOT / "pyproject.toml", tmp_path)
     program = program.replace("/tmp/pyproject.toml", str(tmp_path / "pyproject.toml"))
-    printed = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
-                             check=True, timeout=30).stdout.splitlines()
+    printed = subprocess.run(
+        [sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, check=True, timeout=30
+    ).stdout.splitlines()
     expected = tomllib.loads((images.REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert printed == expected and any(dep.startswith("torch==") for dep in printed)
 
@@ -146,13 +154,21 @@ def test_the_base_recipe_follows_the_host_ca_bundle(tmp_path: Path) -> None:
 
 def test_only_our_tags_beyond_the_newest_builds_are_removed() -> None:
     def stamp(digest: str, built: str) -> dict:
-        return {"hash": digest + "0" * 52, "built": built, "base": "lsbert-base:test-b1",
-                "predictor": f"lsbert-predictor:test-{digest}", "trainer": f"lsbert-trainer:test-{digest}"}
+        return {
+            "hash": digest + "0" * 52,
+            "built": built,
+            "base": "lsbert-base:test-b1",
+            "predictor": f"lsbert-predictor:test-{digest}",
+            "trainer": f"lsbert-trainer:test-{digest}",
+        }
 
     stamps = [stamp("cccccccccccc", "2026-03"), stamp("bbbbbbbbbbbb", "2026-02"), stamp("aaaaaaaaaaaa", "2026-01")]
     tags = [f"lsbert-{repo}:test-{d * 12}" for d in "abc" for repo in ("predictor", "trainer", "build")]
     tags += ["lsbert-base:test-b1", "lsbert-base:test-b0", "lsbert-predictor:dev", "python:3.11", "<none>:<none>"]
     assert images.superseded(tags, stamps, keep_builds=2) == [
-        "lsbert-predictor:test-aaaaaaaaaaaa", "lsbert-trainer:test-aaaaaaaaaaaa", "lsbert-build:test-aaaaaaaaaaaa",
-        "lsbert-base:test-b0"]
+        "lsbert-predictor:test-aaaaaaaaaaaa",
+        "lsbert-trainer:test-aaaaaaaaaaaa",
+        "lsbert-build:test-aaaaaaaaaaaa",
+        "lsbert-base:test-b0",
+    ]
     assert images.superseded(tags, stamps, keep_builds=3) == ["lsbert-base:test-b0"]

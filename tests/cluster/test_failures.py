@@ -18,9 +18,14 @@ REPORT_WITHIN_S = 120
 def _install(control_plane, namespace, name, images, ls, api_key, baseline, tmp_path, pv_for, **extra):
     storage_class = f"{name}-sc"
     pv_for(storage_class)
-    values = harness.chart_values(images, ls_url=ls.url, api_key=api_key, baseline_dir=baseline,
-                                  storage={"type": "pvc", "pvc": {"storageClassName": storage_class, "keep": False}},
-                                  extra=extra)
+    values = harness.chart_values(
+        images,
+        ls_url=ls.url,
+        api_key=api_key,
+        baseline_dir=baseline,
+        storage={"type": "pvc", "pvc": {"storageClassName": storage_class, "size": "1Gi", "keep": False}},
+        extra=extra,
+    )
     release = harness.install(control_plane, namespace, name, values, tmp_path)
     harness.wait_ready_predictor(release)
     return release
@@ -38,29 +43,56 @@ def _reported(release: harness.Release, project_id: int, needles: tuple[str, ...
     try:
         return harness.wait_for(seen, REPORT_WITHIN_S, what, interval=2)
     except TimeoutError:
-        raise AssertionError(f"{what}: /health says {_training_text(release, project_id)}\n"
-                             f"{harness.describe(release)}") from None
+        raise AssertionError(
+            f"{what}: /health says {_training_text(release, project_id)}\n{harness.describe(release)}"
+        ) from None
 
 
 def _status_in_pod(release: harness.Release) -> str:
     pod = harness.wait_ready_predictor(release)["metadata"]["name"]
-    res = release.cp.kubectl("exec", pod, "-n", release.namespace, "--", "lsbert", "status", "--url",
-                             "http://127.0.0.1:8080", "--kubernetes", check=False, timeout=60)
+    res = release.cp.kubectl(
+        "exec",
+        pod,
+        "-n",
+        release.namespace,
+        "--",
+        "lsbert",
+        "status",
+        "--url",
+        "http://127.0.0.1:8080",
+        "--kubernetes",
+        check=False,
+        timeout=60,
+    )
     return res.stdout + res.stderr
 
 
-def test_runs_that_never_start_are_reported_within_minutes(control_plane, cluster_images, node_label_studio,
-                                                           ls_api_key, node_baseline, namespace, pv_for, tmp_path):
-    release = _install(control_plane, namespace, "lsbert-nostart", cluster_images, node_label_studio, ls_api_key,
-                       node_baseline, tmp_path, pv_for,
-                       trainer={"image": {"tag": "no-such-tag"}})
+def test_runs_that_never_start_are_reported_within_minutes(
+    control_plane, cluster_images, node_label_studio, ls_api_key, node_baseline, namespace, pv_for, tmp_path
+):
+    release = _install(
+        control_plane,
+        namespace,
+        "lsbert-nostart",
+        cluster_images,
+        node_label_studio,
+        ls_api_key,
+        node_baseline,
+        tmp_path,
+        pv_for,
+        trainer={"image": {"tag": "no-such-tag"}},
+    )
     ctx = loop.connect(node_label_studio, release, "cluster never starts", 6)
     project = ctx["project"]
     loop.annotate(node_label_studio, ctx["task_ids"], ctx["truth"])
 
     # 1. A GPU quota of zero: the Job controller cannot create the pod (only FailedCreate events say so).
-    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-gpus"},
-             "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}}
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-gpus"},
+        "spec": {"hard": {"requests.nvidia.com/gpu": "0"}},
+    }
     control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(quota))
     t0 = time.monotonic()
     node_label_studio.request("POST", f"/api/ml/{ctx['backend']['id']}/train", json={"use_ground_truth": False})
@@ -71,15 +103,26 @@ def test_runs_that_never_start_are_reported_within_minutes(control_plane, cluste
     # 2. The quota goes, the pod is created, and its image does not exist on the node.
     control_plane.kubectl("delete", "resourcequota", "no-gpus", "-n", namespace)
     t0 = time.monotonic()
-    text = _reported(release, project.id, ("ErrImageNeverPull", "ImagePullBackOff", "ErrImagePull"),
-                     "the missing image in /health")
+    text = _reported(
+        release, project.id, ("ErrImageNeverPull", "ImagePullBackOff", "ErrImagePull"), "the missing image in /health"
+    )
     print(f"missing image reported after {time.monotonic() - t0:.0f}s: {text[:300]}")
 
 
 def test_trainer_pod_deleted_mid_run_fails_the_run_and_keeps_serving(
-        control_plane, cluster_images, node_label_studio, ls_api_key, node_baseline, namespace, pv_for, tmp_path):
-    release = _install(control_plane, namespace, "lsbert-kill", cluster_images, node_label_studio, ls_api_key,
-                       node_baseline, tmp_path, pv_for)
+    control_plane, cluster_images, node_label_studio, ls_api_key, node_baseline, namespace, pv_for, tmp_path
+):
+    release = _install(
+        control_plane,
+        namespace,
+        "lsbert-kill",
+        cluster_images,
+        node_label_studio,
+        ls_api_key,
+        node_baseline,
+        tmp_path,
+        pv_for,
+    )
     ctx = loop.connect(node_label_studio, release, "cluster pod deleted", 120)
     project = ctx["project"]
     before = loop.served_version(release, project)
@@ -100,9 +143,19 @@ def test_trainer_pod_deleted_mid_run_fails_the_run_and_keeps_serving(
 
 
 def test_helm_uninstall_during_a_run_leaves_nothing_running(
-        control_plane, cluster_images, node_label_studio, ls_api_key, node_baseline, namespace, pv_for, tmp_path):
-    release = _install(control_plane, namespace, "lsbert-bye", cluster_images, node_label_studio, ls_api_key,
-                       node_baseline, tmp_path, pv_for)
+    control_plane, cluster_images, node_label_studio, ls_api_key, node_baseline, namespace, pv_for, tmp_path
+):
+    release = _install(
+        control_plane,
+        namespace,
+        "lsbert-bye",
+        cluster_images,
+        node_label_studio,
+        ls_api_key,
+        node_baseline,
+        tmp_path,
+        pv_for,
+    )
     ctx = loop.connect(node_label_studio, release, "cluster uninstall", 120)
     loop.annotate(node_label_studio, ctx["task_ids"], ctx["truth"])
     node_label_studio.request("POST", f"/api/ml/{ctx['backend']['id']}/train", json={"use_ground_truth": False})
@@ -112,7 +165,9 @@ def test_helm_uninstall_during_a_run_leaves_nothing_running(
     assert res.returncode == 0, res.stderr
 
     def gone() -> bool:
-        return not release.jobs() and not [p for p in release.pods() if p["status"].get("phase") in ("Pending", "Running")]
+        return not release.jobs() and not [
+            p for p in release.pods() if p["status"].get("phase") in ("Pending", "Running")
+        ]
 
     try:
         harness.wait_for(gone, 90, "no Job and no running pod after helm uninstall", interval=2)

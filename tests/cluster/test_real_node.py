@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +18,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.k8s, pytest.mark.labelstudio, pyt
 
 
 @pytest.fixture(scope="module")
-def pvc_release(control_plane, real_node, cluster_images, node_label_studio, ls_api_key, node_baseline,
-                tmp_path_factory):
+def pvc_release(
+    control_plane, real_node, cluster_images, node_label_studio, ls_api_key, node_baseline, tmp_path_factory
+):
     """One release in plain-Deployment mode with checkpoints on a PVC bound to a real local volume."""
     ns = f"lsb-pvc-{uuid.uuid4().hex[:6]}"
     control_plane.create_namespace(ns)
@@ -30,7 +28,10 @@ def pvc_release(control_plane, real_node, cluster_images, node_label_studio, ls_
     volume = real_node.dir / "volumes" / ns
     harness.create_hostpath_pv(control_plane, ns, volume, storage_class)
     values = harness.chart_values(
-        cluster_images, ls_url=node_label_studio.url, api_key=ls_api_key, baseline_dir=node_baseline,
+        cluster_images,
+        ls_url=node_label_studio.url,
+        api_key=ls_api_key,
+        baseline_dir=node_baseline,
         storage={"type": "pvc", "pvc": {"storageClassName": storage_class, "size": "2Gi", "keep": False}},
     )
     work = tmp_path_factory.mktemp("pvc-release")
@@ -53,7 +54,9 @@ def test_helm_install_runs_real_pods_as_the_chart_says(pvc_release):
     assert pod["spec"]["nodeName"] == NODE_NAME
     # Ready means the chart's startup and readiness probes passed against the real server.
     probes = pod["spec"]["containers"][0]
-    assert probes["startupProbe"]["httpGet"]["path"] == probes["readinessProbe"]["httpGet"]["path"] == "/v1/models/lsbert"
+    assert (
+        probes["startupProbe"]["httpGet"]["path"] == probes["readinessProbe"]["httpGet"]["path"] == "/v1/models/lsbert"
+    )
     uid = cp.kubectl("exec", name, "-n", ns, "--", "id", "-u").stdout.strip()
     assert uid == str(harness.APP_UID)
     write = cp.kubectl("exec", name, "-n", ns, "--", "python", "-c", "open('/opt/lsbert-probe', 'w')", check=False)
@@ -71,24 +74,38 @@ def test_notes_url_answers_from_inside_the_cluster(pvc_release, cluster_images):
     url = pvc_release.notes_url()
     assert url.startswith(f"http://{pvc_release.fullname}.{ns}.svc.cluster.local"), url
     pod = {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": "notes-url-check"},
         "spec": {
-            "restartPolicy": "Never", "nodeSelector": harness.NODE_SELECTOR, "tolerations": TOLERATIONS,
+            "restartPolicy": "Never",
+            "nodeSelector": harness.NODE_SELECTOR,
+            "tolerations": TOLERATIONS,
             "automountServiceAccountToken": False,
             "securityContext": {"runAsNonRoot": True, "runAsUser": harness.APP_UID},
-            "containers": [{
-                "name": "check", "image": cluster_images.predictor, "imagePullPolicy": "Never",
-                "command": ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen(sys.argv[1], "
-                            "timeout=10); print(r.status, r.read().decode())", url + "/health"],
-                "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
-            }],
+            "containers": [
+                {
+                    "name": "check",
+                    "image": cluster_images.predictor,
+                    "imagePullPolicy": "Never",
+                    "command": [
+                        "python",
+                        "-c",
+                        "import sys, urllib.request; r = urllib.request.urlopen(sys.argv[1], "
+                        "timeout=10); print(r.status, r.read().decode())",
+                        url + "/health",
+                    ],
+                    "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+                }
+            ],
         },
     }
     cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(pod))
 
     def finished() -> str | None:
-        phase = json.loads(cp.kubectl("get", "pod", "notes-url-check", "-n", ns, "-o", "json").stdout)["status"].get("phase")
+        phase = json.loads(cp.kubectl("get", "pod", "notes-url-check", "-n", ns, "-o", "json").stdout)["status"].get(
+            "phase"
+        )
         return phase if phase in ("Succeeded", "Failed") else None
 
     phase = harness.wait_for(finished, 120, "the URL check pod to finish")
@@ -115,27 +132,41 @@ def test_label_studio_connects_through_the_service_with_basic_auth(pvc_release, 
 
 
 def test_start_training_runs_a_gpu_job_that_writes_the_pvc_and_the_predictor_swaps(
-        pvc_release, node_label_studio, tmp_path):
+    pvc_release, node_label_studio, tmp_path
+):
     figures = loop.full_loop(node_label_studio, pvc_release, tmp_path, title="cluster training pvc")
     # The checkpoint is on the local volume, written by the trainer as uid 10001.
     files = [p for p in pvc_release.volume.rglob("*") if p.is_file()]
     assert any(p.name == "config.json" for p in files), [str(p) for p in files][:20]
     owners = {p.stat().st_uid for p in files}
     assert owners == {harness.APP_UID}, owners
-    print(f"cluster loop (PVC): Start Training -> new version served in {figures['loop_seconds']:.0f}s "
-          f"({figures['before']} -> {figures['after']})")
+    print(
+        f"cluster loop (PVC): Start Training -> new version served in {figures['loop_seconds']:.0f}s "
+        f"({figures['before']} -> {figures['after']})"
+    )
 
 
-def test_start_training_with_checkpoints_in_s3(control_plane, real_node, cluster_images, node_label_studio,
-                                                ls_api_key, node_baseline, node_s3, namespace, tmp_path):
+def test_start_training_with_checkpoints_in_s3(
+    control_plane, real_node, cluster_images, node_label_studio, ls_api_key, node_baseline, node_s3, namespace, tmp_path
+):
     bucket = f"lsbert-{uuid.uuid4().hex[:8]}"
     node_s3["client"].create_bucket(Bucket=bucket)
     values = harness.chart_values(
-        cluster_images, ls_url=node_label_studio.url, api_key=ls_api_key, baseline_dir=node_baseline,
-        storage={"type": "s3", "s3": {"uri": f"s3://{bucket}/models", "endpoint": node_s3["endpoint"],
-                                      "region": "us-east-1", "addressingStyle": "path",
-                                      "accessKeyId": node_s3["aws_access_key_id"],
-                                      "secretAccessKey": node_s3["aws_secret_access_key"]}},
+        cluster_images,
+        ls_url=node_label_studio.url,
+        api_key=ls_api_key,
+        baseline_dir=node_baseline,
+        storage={
+            "type": "s3",
+            "s3": {
+                "uri": f"s3://{bucket}/models",
+                "endpoint": node_s3["endpoint"],
+                "region": "us-east-1",
+                "addressingStyle": "path",
+                "accessKeyId": node_s3["aws_access_key_id"],
+                "secretAccessKey": node_s3["aws_secret_access_key"],
+            },
+        },
     )
     release = harness.install(control_plane, namespace, "lsbert-s3", values, tmp_path)
     harness.wait_ready_predictor(release)

@@ -36,11 +36,18 @@ def test_train_button_to_better_predictions(label_studio, server_factory):
     truth = {task_id: label for task_id, (_, label) in zip(task_ids, data)}
     train_ids, held_out = task_ids[:N_TRAIN], task_ids[N_TRAIN:]
 
-    lsbert = server_factory({
-        "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.create_personal_access_token(),
-        "TRAINING_LAUNCHER": "local", "START_TRAINING_EACH_N_UPDATES": "0", "NUM_TRAIN_EPOCHS": "5",
-        "LEARNING_RATE": "1e-4", "ROLLOUT_POLL_SECONDS": "2",
-    }, name="e2e-train")
+    lsbert = server_factory(
+        {
+            "LABEL_STUDIO_URL": label_studio.url,
+            "LABEL_STUDIO_API_KEY": label_studio.create_personal_access_token(),
+            "TRAINING_LAUNCHER": "local",
+            "START_TRAINING_EACH_N_UPDATES": "0",
+            "NUM_TRAIN_EPOCHS": "5",
+            "LEARNING_RATE": "1e-4",
+            "ROLLOUT_POLL_SECONDS": "2",
+        },
+        name="e2e-train",
+    )
     backend = connect_backend(label_studio, project.id, lsbert.url, title="lsbert")
     setup = {"project": f"{project.id}.0", "schema": project.label_config}
     before_version = requests.post(lsbert.url + "/setup", json=setup).json()["model_version"]
@@ -49,8 +56,20 @@ def test_train_button_to_better_predictions(label_studio, server_factory):
     before = accuracy_of(label_studio, held_out, truth, before_version)
 
     for task_id in train_ids:
-        label_studio.request("POST", f"/api/tasks/{task_id}/annotations/", json={"result": [{
-            "from_name": "verdict", "to_name": "text", "type": "choices", "value": {"choices": [truth[task_id]]}}]})
+        label_studio.request(
+            "POST",
+            f"/api/tasks/{task_id}/annotations/",
+            json={
+                "result": [
+                    {
+                        "from_name": "verdict",
+                        "to_name": "text",
+                        "type": "choices",
+                        "value": {"choices": [truth[task_id]]},
+                    }
+                ]
+            },
+        )
     started = time.time()
     label_studio.request("POST", f"/api/ml/{backend['id']}/train", json={"use_ground_truth": False})
 
@@ -72,8 +91,10 @@ def test_train_button_to_better_predictions(label_studio, server_factory):
 
     label_studio.request("POST", retrieve, json={"selectedItems": {"all": False, "included": held_out}}, timeout=120)
     after = accuracy_of(label_studio, held_out, truth, new_version)
-    print(f"held-out accuracy before {before:.3f} ({before_version}), after {after:.3f} ({new_version}); "
-          f"train button to new version {loop_seconds:.0f}s")
+    print(
+        f"held-out accuracy before {before:.3f} ({before_version}), after {after:.3f} ({new_version}); "
+        f"train button to new version {loop_seconds:.0f}s"
+    )
     assert after >= 0.65, f"accuracy {after:.3f} is not clearly above chance"
     assert after > before, f"accuracy did not improve: {before:.3f} -> {after:.3f}"
 

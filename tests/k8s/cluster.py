@@ -175,9 +175,15 @@ class _PKI:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                    key_encipherment=False, data_encipherment=False, key_agreement=False,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -194,9 +200,7 @@ class _PKI:
     def _write_key(self, name: str, key: Any) -> Path:
         p = self.dir / name
         p.write_bytes(
-            key.private_bytes(
-                self._ser.Encoding.PEM, self._ser.PrivateFormat.PKCS8, self._ser.NoEncryption()
-            )
+            key.private_bytes(self._ser.Encoding.PEM, self._ser.PrivateFormat.PKCS8, self._ser.NoEncryption())
         )
         p.chmod(0o600)
         return p
@@ -245,9 +249,7 @@ class _PKI:
         priv = self._write_key("sa.key", key)
         pub = self.dir / "sa.pub"
         pub.write_bytes(
-            key.public_key().public_bytes(
-                self._ser.Encoding.PEM, self._ser.PublicFormat.SubjectPublicKeyInfo
-            )
+            key.public_key().public_bytes(self._ser.Encoding.PEM, self._ser.PublicFormat.SubjectPublicKeyInfo)
         )
         return priv, pub
 
@@ -669,7 +671,7 @@ class ControlPlane:
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def start(self, timeout: float = 90.0) -> "ControlPlane":
+    def start(self, timeout: float = 90.0) -> ControlPlane:
         if self._started:
             return self
         missing = missing_binaries(self.bin_dir)
@@ -688,9 +690,9 @@ class ControlPlane:
                 from tests.k8s.node import NODE_IP, RealNode
 
                 self.node = RealNode(cache_dir().parent.parent / "node")
-                self.node.prepare_host(self.dir)  # waits while another run holds the node
+                self.node.prepare_host(self.dir)  # may wait for another run's node: time starts after
                 self.bind_ip = NODE_IP
-                t0 = time.monotonic()  # the start timeout counts from when this run has the node
+                t0 = time.monotonic()
             self._start(deadline=t0 + timeout)
             if self.node is not None:
                 self.node.start(self, self._pki, timeout=max(60.0, t0 + timeout + 120 - time.monotonic()))
@@ -722,7 +724,7 @@ class ControlPlane:
             except Exception:  # pragma: no cover
                 pass
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -824,12 +826,22 @@ class ControlPlane:
         return self._run_cli("helm", args, check, input, timeout, kubeconfig)
 
     def _run_cli(
-        self, tool: str, args: Iterable[str], check: bool, input: str | None, timeout: float,
+        self,
+        tool: str,
+        args: Iterable[str],
+        check: bool,
+        input: str | None,
+        timeout: float,
         kubeconfig: Path | None,
     ) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.binary(tool)), *args]
         res = subprocess.run(
-            cmd, input=input, capture_output=True, text=True, timeout=timeout, env=self.env(kubeconfig),
+            cmd,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(kubeconfig),
             stdin=None if input is not None else subprocess.DEVNULL,
         )
         if check and res.returncode != 0:
@@ -944,14 +956,22 @@ class ControlPlane:
         # -- PKI --
         pki = self._pki = _PKI(d / "pki")
         apiserver_crt, apiserver_key = pki.issue(
-            "apiserver", "kube-apiserver", server=True,
-            dns=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 "kubernetes.default.svc.cluster.local"],
+            "apiserver",
+            "kube-apiserver",
+            server=True,
+            dns=[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
             ips=sorted({"127.0.0.1", "10.96.0.1", self.bind_ip}),
         )
         pki.issue("admin", "lsbert-test-admin", ["system:masters"], client=True)
-        kubelet_client = pki.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
-                                   ["kubeadm:cluster-admins"], client=True)
+        kubelet_client = pki.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ["kubeadm:cluster-admins"], client=True
+        )
         pki.issue("kube-controller-manager", "system:kube-controller-manager", client=True)
         pki.issue("kube-scheduler", "system:kube-scheduler", client=True)
         pki.issue("kwok", "lsbert-kwok", ["system:masters"], client=True)
@@ -972,82 +992,113 @@ class ControlPlane:
         # -- etcd --
         etcd_url = f"http://127.0.0.1:{p['etcd']}"
         peer_url = f"http://127.0.0.1:{p['etcd_peer']}"
-        self._spawn("etcd", [
-            b("etcd"), "--name=lsbert", f"--data-dir={d / 'etcd'}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=lsbert={peer_url}", "--initial-cluster-state=new",
-            "--unsafe-no-fsync=true", "--quota-backend-bytes=2147483648",
-            "--auto-compaction-retention=1", "--log-level=warn", "--enable-pprof=false",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                b("etcd"),
+                "--name=lsbert",
+                f"--data-dir={d / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=lsbert={peer_url}",
+                "--initial-cluster-state=new",
+                "--unsafe-no-fsync=true",
+                "--quota-backend-bytes=2147483648",
+                "--auto-compaction-retention=1",
+                "--log-level=warn",
+                "--enable-pprof=false",
+            ],
+        )
 
         # -- kube-apiserver (started right away; it retries etcd until it answers) --
-        self._spawn("kube-apiserver", [
-            b("kube-apiserver"),
-            f"--etcd-servers={etcd_url}",
-            f"--bind-address={self.bind_ip}", f"--advertise-address={self.bind_ip}",
-            f"--secure-port={p['apiserver']}",
-            f"--tls-cert-file={apiserver_crt}", f"--tls-private-key-file={apiserver_key}",
-            f"--client-ca-file={ca}",
-            f"--service-account-key-file={sa_pub}",
-            f"--service-account-signing-key-file={sa_key}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--authorization-mode=Node,RBAC",
-            "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,"
-            "DefaultTolerationSeconds,DefaultStorageClass,ResourceQuota,Priority,NodeRestriction,"
-            "MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            # With a real node, pods reach the API server through the `kubernetes` Service: its endpoint is
-            # the advertised bridge address. Without one nothing may connect to it, so no endpoint.
-            f"--endpoint-reconciler-type={'lease' if self.real_node else 'none'}",
-            "--allow-privileged=true",
-            "--enable-priority-and-fairness=false",
-            "--profiling=false",
-            f"--requestheader-client-ca-file={ca}",
-            "--requestheader-allowed-names=front-proxy-client",
-            "--requestheader-username-headers=X-Remote-User",
-            "--requestheader-group-headers=X-Remote-Group",
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            f"--proxy-client-cert-file={front_proxy[0]}", f"--proxy-client-key-file={front_proxy[1]}",
-            f"--kubelet-client-certificate={kubelet_client[0]}",
-            f"--kubelet-client-key={kubelet_client[1]}",
-            f"--kubelet-certificate-authority={ca}",
-            "--kubelet-preferred-address-types=InternalIP",
-            "--event-ttl=30m",
-            "--v=1",
-        ])
+        self._spawn(
+            "kube-apiserver",
+            [
+                b("kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                f"--bind-address={self.bind_ip}",
+                f"--advertise-address={self.bind_ip}",
+                f"--secure-port={p['apiserver']}",
+                f"--tls-cert-file={apiserver_crt}",
+                f"--tls-private-key-file={apiserver_key}",
+                f"--client-ca-file={ca}",
+                f"--service-account-key-file={sa_pub}",
+                f"--service-account-signing-key-file={sa_key}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,"
+                "DefaultTolerationSeconds,DefaultStorageClass,ResourceQuota,Priority,NodeRestriction,"
+                "MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # With a real node, pods reach the API server through the `kubernetes` Service: its endpoint is
+                # the advertised bridge address. Without one nothing may connect to it, so no endpoint.
+                f"--endpoint-reconciler-type={'lease' if self.real_node else 'none'}",
+                "--allow-privileged=true",
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+                f"--requestheader-client-ca-file={ca}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={front_proxy[0]}",
+                f"--proxy-client-key-file={front_proxy[1]}",
+                f"--kubelet-client-certificate={kubelet_client[0]}",
+                f"--kubelet-client-key={kubelet_client[1]}",
+                f"--kubelet-certificate-authority={ca}",
+                "--kubelet-preferred-address-types=InternalIP",
+                "--event-ttl=30m",
+                "--v=1",
+            ],
+        )
         self._wait_apiserver(deadline)
         self._mark("apiserver-ready", t0)
 
         # -- controller-manager + scheduler --
         kcm_kc = d / "kube-controller-manager.kubeconfig"
-        self._spawn("kube-controller-manager", [
-            b("kube-controller-manager"),
-            f"--kubeconfig={kcm_kc}", f"--authentication-kubeconfig={kcm_kc}",
-            f"--authorization-kubeconfig={kcm_kc}",
-            "--bind-address=127.0.0.1", f"--secure-port={p['kcm']}",
-            f"--service-account-private-key-file={sa_key}", f"--root-ca-file={ca}",
-            f"--cluster-signing-cert-file={ca}", f"--cluster-signing-key-file={d / 'pki' / 'ca.key'}",
-            "--use-service-account-credentials=true",
-            "--controllers=*",
-            "--leader-elect=false",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--node-monitor-grace-period=3m20s",
-            "--kube-api-qps=200", "--kube-api-burst=400",
-            "--profiling=false",
-            "--v=1",
-        ])
+        self._spawn(
+            "kube-controller-manager",
+            [
+                b("kube-controller-manager"),
+                f"--kubeconfig={kcm_kc}",
+                f"--authentication-kubeconfig={kcm_kc}",
+                f"--authorization-kubeconfig={kcm_kc}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={p['kcm']}",
+                f"--service-account-private-key-file={sa_key}",
+                f"--root-ca-file={ca}",
+                f"--cluster-signing-cert-file={ca}",
+                f"--cluster-signing-key-file={d / 'pki' / 'ca.key'}",
+                "--use-service-account-credentials=true",
+                "--controllers=*",
+                "--leader-elect=false",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--node-monitor-grace-period=3m20s",
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
         sched_kc = d / "kube-scheduler.kubeconfig"
-        self._spawn("kube-scheduler", [
-            b("kube-scheduler"),
-            f"--kubeconfig={sched_kc}", f"--authentication-kubeconfig={sched_kc}",
-            f"--authorization-kubeconfig={sched_kc}",
-            "--bind-address=127.0.0.1", f"--secure-port={p['scheduler']}",
-            "--leader-elect=false",
-            "--kube-api-qps=200", "--kube-api-burst=400",
-            "--profiling=false",
-            "--v=1",
-        ])
+        self._spawn(
+            "kube-scheduler",
+            [
+                b("kube-scheduler"),
+                f"--kubeconfig={sched_kc}",
+                f"--authentication-kubeconfig={sched_kc}",
+                f"--authorization-kubeconfig={sched_kc}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={p['scheduler']}",
+                "--leader-elect=false",
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
 
         # -- CRDs: kwok's Logs first (kwok watches it, so it must exist before kwok starts); the
         # KServe CRDs (the InferenceService one is 2 MB and takes seconds to become Established)
@@ -1076,19 +1127,25 @@ class ControlPlane:
 
         # -- kwok --
         kwok_kc = d / "kwok.kubeconfig"
-        self._spawn("kwok", [
-            b("kwok"),
-            f"--kubeconfig={kwok_kc}", f"--config={d / 'kwok.yaml'}",
-            # Only the fake nodes: a real kubelet may join the same cluster.
-            "--manage-nodes-with-label-selector=type=kwok",
-            "--node-ip=127.0.0.1", f"--node-port={p['kwok']}",
-            f"--server-address=127.0.0.1:{p['kwok']}",
-            f"--tls-cert-file={kwok_serving[0]}", f"--tls-private-key-file={kwok_serving[1]}",
-            f"--cidr={POD_CIDR}",
-            "--node-lease-duration-seconds=40",
-            "--enable-crds=Logs",
-            "--v=INFO",
-        ])
+        self._spawn(
+            "kwok",
+            [
+                b("kwok"),
+                f"--kubeconfig={kwok_kc}",
+                f"--config={d / 'kwok.yaml'}",
+                # Only the fake nodes: a real kubelet may join the same cluster.
+                "--manage-nodes-with-label-selector=type=kwok",
+                "--node-ip=127.0.0.1",
+                f"--node-port={p['kwok']}",
+                f"--server-address=127.0.0.1:{p['kwok']}",
+                f"--tls-cert-file={kwok_serving[0]}",
+                f"--tls-private-key-file={kwok_serving[1]}",
+                f"--cidr={POD_CIDR}",
+                "--node-lease-duration-seconds=40",
+                "--enable-crds=Logs",
+                "--v=INFO",
+            ],
+        )
 
         # -- nodes --
         self._create_nodes()
@@ -1174,8 +1231,13 @@ class ControlPlane:
             return client.V1Node(
                 metadata=client.V1ObjectMeta(
                     name=name,
-                    labels={"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                            "kubernetes.io/arch": "amd64", "type": "kwok", **labels},
+                    labels={
+                        "kubernetes.io/hostname": name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "type": "kwok",
+                        **labels,
+                    },
                     annotations={"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
                 ),
                 spec=client.V1NodeSpec(taints=[client.V1Taint(**t) for t in taints] or None),
@@ -1187,8 +1249,9 @@ class ControlPlane:
         with self.api_client() as api:
             core = client.CoreV1Api(api)
             core.create_node(node(CPU_NODE, base, {"lsbert.test/pool": "cpu"}, []))
-            core.create_node(node(GPU_NODE, gpu, {"lsbert.test/pool": "gpu", "nvidia.com/gpu.present": "true"},
-                                  [GPU_TAINT]))
+            core.create_node(
+                node(GPU_NODE, gpu, {"lsbert.test/pool": "gpu", "nvidia.com/gpu.present": "true"}, [GPU_TAINT])
+            )
 
     def _wait_nodes_ready(self, deadline: float) -> None:
         from kubernetes import client
@@ -1265,7 +1328,12 @@ def _component_env() -> dict[str, str]:
 
 
 def _kubeconfig(
-    server: str, ca: Path, *, cert: Path | None = None, key: Path | None = None, token: str | None = None,
+    server: str,
+    ca: Path,
+    *,
+    cert: Path | None = None,
+    key: Path | None = None,
+    token: str | None = None,
     namespace: str | None = None,
 ) -> str:
     user: dict[str, str] = {}

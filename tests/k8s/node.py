@@ -70,10 +70,25 @@ CONTAINERD_SOCKET = CONTAINERD_STATE / "containerd.sock"
 # Values the kubelet, kube-proxy or the CNI bridge plugin may change on the host.
 SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops", "net.ipv4.ip_forward")
 # Host paths outside the test directory that the kubelet, containerd or CNI create.
-HOST_PATHS = ("/var/lib/kubelet", "/var/log/containers", "/var/log/pods", "/var/lib/cni", "/run/containerd",
-              "/etc/cni", "/opt/cni", "/opt/containerd", "/run/netns")
-NEEDED = {"containerd": "containerd", "ctr": "containerd", "runc": "runc", "iptables": "iptables",
-          "ip": "iproute2", "mount": "mount"}
+HOST_PATHS = (
+    "/var/lib/kubelet",
+    "/var/log/containers",
+    "/var/log/pods",
+    "/var/lib/cni",
+    "/run/containerd",
+    "/etc/cni",
+    "/opt/cni",
+    "/opt/containerd",
+    "/run/netns",
+)
+NEEDED = {
+    "containerd": "containerd",
+    "ctr": "containerd",
+    "runc": "runc",
+    "iptables": "iptables",
+    "ip": "iproute2",
+    "mount": "mount",
+}
 CNI_BIN_DIR = Path("/usr/lib/cni")
 DEBIAN_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "iproute2", "conntrack")
 
@@ -110,8 +125,9 @@ def install_host_packages() -> None:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *DEBIAN_PACKAGES],
-                   check=True, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *DEBIAN_PACKAGES], check=True, env=env
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,8 +275,9 @@ def _iptables_cleanup() -> None:
                     continue
                 if any(ours(p) for p in parts) or BRIDGE in parts or NODE_CIDR in parts:
                     _quiet(tool, "-w", "-t", table, "-D", *parts[1:])
-            chains = [line.split()[1] for line in res.stdout.splitlines()
-                      if line.startswith("-N ") and ours(line.split()[1])]
+            chains = [
+                line.split()[1] for line in res.stdout.splitlines() if line.startswith("-N ") and ours(line.split()[1])
+            ]
             for chain in chains:
                 _quiet(tool, "-w", "-t", table, "-F", chain)
             for chain in chains:
@@ -351,8 +368,14 @@ def pause_image_archive(cache: Path) -> Path:
         (src / "main.go").write_text(_PAUSE_GO)
         env = {**os.environ, "CGO_ENABLED": "0"}
         go = shutil.which("go") or "/usr/local/go/bin/go"
-        subprocess.run([go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(src / "pause"), "."],
-                       cwd=src, env=env, check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(src / "pause"), "."],
+            cwd=src,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         layer = io.BytesIO()
         with tarfile.open(fileobj=layer, mode="w") as t:
             info = t.gettarinfo(str(src / "pause"), arcname="pause")
@@ -363,11 +386,14 @@ def pause_image_archive(cache: Path) -> Path:
                 t.addfile(info, f)
         layer_bytes = layer.getvalue()
         diff_id = "sha256:" + sha256(layer_bytes).hexdigest()
-        config = json.dumps({
-            "architecture": "amd64", "os": "linux",
-            "config": {"Entrypoint": ["/pause"], "User": "65535:65535"},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }).encode()
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Entrypoint": ["/pause"], "User": "65535:65535"},
+                "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            }
+        ).encode()
         cfg_name = sha256(config).hexdigest() + ".json"
         manifest = json.dumps([{"Config": cfg_name, "RepoTags": [PAUSE_IMAGE], "Layers": ["layer.tar"]}]).encode()
         tmp = out.with_suffix(".tmp")
@@ -436,7 +462,7 @@ class RealNode:
 
     # ---- components: after the control plane is up ---------------------------------------------
 
-    def start(self, cp: "ControlPlane", pki: Any, timeout: float = 180.0) -> None:
+    def start(self, cp: ControlPlane, pki: Any, timeout: float = 180.0) -> None:
         assert self.dir is not None, "prepare_host first"
         self._cp = cp
         t0 = time.monotonic()
@@ -467,8 +493,14 @@ class RealNode:
         assert self.dir is not None
         log = self.dir / "logs" / f"{name}.log"
         with open(log, "ab") as out:
-            p = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+            p = subprocess.Popen(
+                [str(a) for a in args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
         self.procs[name] = p
         return p
 
@@ -533,13 +565,16 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
-    conf_dir = "{self.dir / 'cni' / 'net.d'}"
+    conf_dir = "{self.dir / "cni" / "net.d"}"
     max_conf_num = 1
 """)
         self._spawn("containerd", ["containerd", "--config", cfg, "--log-level", "warn"])
-        self._wait("the containerd socket", lambda: _run("ctr", "--address", str(CONTAINERD_SOCKET),
-                                                        "version", timeout=5).returncode == 0,
-                   deadline, "containerd")
+        self._wait(
+            "the containerd socket",
+            lambda: _run("ctr", "--address", str(CONTAINERD_SOCKET), "version", timeout=5).returncode == 0,
+            deadline,
+            "containerd",
+        )
 
     def ctr(self, *args: str, timeout: float = 600, input_path: Path | None = None) -> subprocess.CompletedProcess:
         cmd = ["ctr", "--address", str(CONTAINERD_SOCKET), "-n", "k8s.io", *args]
@@ -564,9 +599,17 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "name": "lsbert",
             "plugins": [
                 {
-                    "type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False, "hairpinMode": True,
-                    "ipam": {"type": "host-local", "ranges": [[{"subnet": NODE_CIDR, "gateway": NODE_IP}]],
-                             "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(self.dir / "cni" / "ipam")},
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": True,
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": NODE_CIDR, "gateway": NODE_IP}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": str(self.dir / "cni" / "ipam"),
+                    },
                 },
                 {"type": "portmap", "capabilities": {"portMappings": True}},
             ],
@@ -575,7 +618,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
     # kubelet ----------------------------------------------------------------------------------
 
-    def _start_kubelet(self, cp: "ControlPlane", serving: tuple[Path, Path], deadline: float) -> None:
+    def _start_kubelet(self, cp: ControlPlane, serving: tuple[Path, Path], deadline: float) -> None:
         from tests.k8s.cluster import free_port
 
         assert self.dir is not None
@@ -591,8 +634,11 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "readOnlyPort": 0,
             "tlsCertFile": str(serving[0]),
             "tlsPrivateKeyFile": str(serving[1]),
-            "authentication": {"x509": {"clientCAFile": str(cp.ca_file)}, "anonymous": {"enabled": False},
-                               "webhook": {"enabled": False}},
+            "authentication": {
+                "x509": {"clientCAFile": str(cp.ca_file)},
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": False},
+            },
             "authorization": {"mode": "AlwaysAllow"},
             "cgroupDriver": "cgroupfs",
             "failCgroupV1": False,
@@ -607,8 +653,12 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "registerWithTaints": [REAL_NODE_TAINT, GPU_TAINT],
             "maxPods": 40,
             "serializeImagePulls": False,
-            "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%", "nodefs.inodesFree": "1%",
-                             "imagefs.available": "1%"},
+            "evictionHard": {
+                "memory.available": "50Mi",
+                "nodefs.available": "1%",
+                "nodefs.inodesFree": "1%",
+                "imagefs.available": "1%",
+            },
             "imageGCHighThresholdPercent": 99,
             "imageGCLowThresholdPercent": 98,
             "nodeStatusUpdateFrequency": "5s",
@@ -621,11 +671,19 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         }
         (d / "kubelet.yaml").write_text(json.dumps(cfg, indent=1))
         labels = f"{GPU_LABEL}=true,lsbert.test/pool=real"
-        self._spawn("kubelet", [
-            cp.binary("kubelet"), f"--config={d / 'kubelet.yaml'}", f"--kubeconfig={d / 'kubelet.kubeconfig'}",
-            f"--root-dir={d / 'kubelet'}", f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}",
-            f"--node-labels={labels}", "--v=1",
-        ])
+        self._spawn(
+            "kubelet",
+            [
+                cp.binary("kubelet"),
+                f"--config={d / 'kubelet.yaml'}",
+                f"--kubeconfig={d / 'kubelet.kubeconfig'}",
+                f"--root-dir={d / 'kubelet'}",
+                f"--hostname-override={NODE_NAME}",
+                f"--node-ip={NODE_IP}",
+                f"--node-labels={labels}",
+                "--v=1",
+            ],
+        )
         from kubernetes import client
 
         with cp.api_client() as api:
@@ -648,7 +706,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
     # kube-proxy -------------------------------------------------------------------------------
 
-    def _start_kube_proxy(self, cp: "ControlPlane") -> None:
+    def _start_kube_proxy(self, cp: ControlPlane) -> None:
         from tests.k8s.cluster import free_port
 
         assert self.dir is not None
@@ -668,8 +726,12 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "nodePortAddresses": [f"{NODE_IP}/32"],
             # Every Service hop is masqueraded: replies come back through the host even between two pods of
             # the bridge, so no br_netfilter module is needed.
-            "iptables": {"masqueradeAll": True, "localhostNodePorts": False, "syncPeriod": "30s",
-                         "minSyncPeriod": "0s"},
+            "iptables": {
+                "masqueradeAll": True,
+                "localhostNodePorts": False,
+                "syncPeriod": "30s",
+                "minSyncPeriod": "0s",
+            },
             # Leave the host's conntrack sysctls alone.
             "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
         }
@@ -678,7 +740,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
     # CoreDNS ----------------------------------------------------------------------------------
 
-    def _start_coredns(self, cp: "ControlPlane", deadline: float) -> None:
+    def _start_coredns(self, cp: ControlPlane, deadline: float) -> None:
         from kubernetes import client
 
         from tests.k8s.cluster import free_port
@@ -706,20 +768,38 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         self._spawn("coredns", [cp.binary("coredns"), "-conf", self.dir / "Corefile"])
         with cp.api_client() as api:
             core = client.CoreV1Api(api)
-            ports = [client.V1ServicePort(name="dns", port=53, protocol="UDP", target_port=53),
-                     client.V1ServicePort(name="dns-tcp", port=53, protocol="TCP", target_port=53)]
-            core.create_namespaced_service("kube-system", client.V1Service(
-                metadata=client.V1ObjectMeta(name="kube-dns", labels={"k8s-app": "kube-dns"}),
-                spec=client.V1ServiceSpec(cluster_ip=DNS_IP, ports=ports)))
+            ports = [
+                client.V1ServicePort(name="dns", port=53, protocol="UDP", target_port=53),
+                client.V1ServicePort(name="dns-tcp", port=53, protocol="TCP", target_port=53),
+            ]
+            core.create_namespaced_service(
+                "kube-system",
+                client.V1Service(
+                    metadata=client.V1ObjectMeta(name="kube-dns", labels={"k8s-app": "kube-dns"}),
+                    spec=client.V1ServiceSpec(cluster_ip=DNS_IP, ports=ports),
+                ),
+            )
             # No selector: the endpoints are the CoreDNS process on the node's address.
-            client.DiscoveryV1Api(api).create_namespaced_endpoint_slice("kube-system", client.V1EndpointSlice(
-                metadata=client.V1ObjectMeta(name="kube-dns-node", labels={
-                    "kubernetes.io/service-name": "kube-dns",
-                    "endpointslice.kubernetes.io/managed-by": "lsbert-tests"}),
-                address_type="IPv4",
-                endpoints=[client.V1Endpoint(addresses=[NODE_IP], conditions=client.V1EndpointConditions(ready=True))],
-                ports=[client.DiscoveryV1EndpointPort(name="dns", port=53, protocol="UDP"),
-                       client.DiscoveryV1EndpointPort(name="dns-tcp", port=53, protocol="TCP")]))
+            client.DiscoveryV1Api(api).create_namespaced_endpoint_slice(
+                "kube-system",
+                client.V1EndpointSlice(
+                    metadata=client.V1ObjectMeta(
+                        name="kube-dns-node",
+                        labels={
+                            "kubernetes.io/service-name": "kube-dns",
+                            "endpointslice.kubernetes.io/managed-by": "lsbert-tests",
+                        },
+                    ),
+                    address_type="IPv4",
+                    endpoints=[
+                        client.V1Endpoint(addresses=[NODE_IP], conditions=client.V1EndpointConditions(ready=True))
+                    ],
+                    ports=[
+                        client.DiscoveryV1EndpointPort(name="dns", port=53, protocol="UDP"),
+                        client.DiscoveryV1EndpointPort(name="dns-tcp", port=53, protocol="TCP"),
+                    ],
+                ),
+            )
         import urllib.request
 
         def is_ready() -> bool:
@@ -768,7 +848,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
-    def _drain(self, cp: "ControlPlane") -> None:
+    def _drain(self, cp: ControlPlane) -> None:
         from kubernetes import client
 
         with cp.api_client() as api:

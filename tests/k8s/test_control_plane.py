@@ -267,16 +267,16 @@ def _isvc(name: str, min_replicas: Any) -> dict[str, Any]:
 def test_inferenceservice_schema_enforced(control_plane: ControlPlane, api) -> None:
     ns = _ns(control_plane, "isvc")
     co = client.CustomObjectsApi(api)
-    created = co.create_namespaced_custom_object("serving.kserve.io", "v1beta1", ns, "inferenceservices",
-                                                 _isvc("bert", 1))
+    created = co.create_namespaced_custom_object(
+        "serving.kserve.io", "v1beta1", ns, "inferenceservices", _isvc("bert", 1)
+    )
     assert created["metadata"]["uid"]
     got = co.get_namespaced_custom_object("serving.kserve.io", "v1beta1", ns, "inferenceservices", "bert")
     assert got["spec"]["predictor"]["minReplicas"] == 1
     assert got["spec"]["predictor"]["model"]["storageUri"] == "pvc://models/bert"
 
     with pytest.raises(ApiException) as e:
-        co.create_namespaced_custom_object("serving.kserve.io", "v1beta1", ns, "inferenceservices",
-                                           _isvc("bad", "one"))
+        co.create_namespaced_custom_object("serving.kserve.io", "v1beta1", ns, "inferenceservices", _isvc("bad", "one"))
     assert e.value.status == 422
     body = json.loads(e.value.body)
     assert body["reason"] == "Invalid"
@@ -284,8 +284,14 @@ def test_inferenceservice_schema_enforced(control_plane: ControlPlane, api) -> N
 
     # a patch is validated as well
     with pytest.raises(ApiException) as e:
-        co.patch_namespaced_custom_object("serving.kserve.io", "v1beta1", ns, "inferenceservices", "bert",
-                                          {"spec": {"predictor": {"minReplicas": "two"}}})
+        co.patch_namespaced_custom_object(
+            "serving.kserve.io",
+            "v1beta1",
+            ns,
+            "inferenceservices",
+            "bert",
+            {"spec": {"predictor": {"minReplicas": "two"}}},
+        )
     assert e.value.status == 422
 
 
@@ -325,7 +331,8 @@ def test_helm_install_reaches_ready(control_plane: ControlPlane, tmp_path: Path)
     (chart / "templates").mkdir(parents=True)
     (chart / "Chart.yaml").write_text("apiVersion: v2\nname: mini\nversion: 0.1.0\nkubeVersion: '>=1.30.0-0'\n")
     (chart / "values.yaml").write_text("replicas: 1\n")
-    (chart / "templates" / "deploy.yaml").write_text(textwrap.dedent(f"""\
+    (chart / "templates" / "deploy.yaml").write_text(
+        textwrap.dedent(f"""\
         apiVersion: apps/v1
         kind: Deployment
         metadata:
@@ -341,7 +348,8 @@ def test_helm_install_reaches_ready(control_plane: ControlPlane, tmp_path: Path)
               containers:
               - name: app
                 image: {IMAGE}
-        """))
+        """)
+    )
     ns = f"helm-{uuid.uuid4().hex[:6]}"
     control_plane.helm("install", "mini", str(chart), "-n", ns, "--create-namespace", "--wait", "--timeout", "60s")
     st = json.loads(control_plane.helm("status", "mini", "-n", ns, "-o", "json").stdout)

@@ -80,7 +80,8 @@ def versions() -> list[str]:
         unknown = sorted(set(wanted) - set(pinned))
         if unknown:
             raise KServeControllerError(
-                f"LSBERT_KSERVE_VERSIONS names {unknown}, not pinned in tests/k8s/versions.env ({pinned})")
+                f"LSBERT_KSERVE_VERSIONS names {unknown}, not pinned in tests/k8s/versions.env ({pinned})"
+            )
         return [v for v in pinned if v in wanted]
     return pinned
 
@@ -111,8 +112,14 @@ def standard_mode_name(version: str) -> str:
 class KServeController:
     """One ``kserve-controller`` process serving a :class:`ControlPlane` (see the module doc)."""
 
-    def __init__(self, control_plane: ControlPlane, version: str, *, default_mode: Optional[str] = None,
-                 keep_dir: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        control_plane: ControlPlane,
+        version: str,
+        *,
+        default_mode: Optional[str] = None,
+        keep_dir: Optional[bool] = None,
+    ) -> None:
         self.cp = control_plane
         self.version = version
         self.dir_in_cache = version_dir(version)
@@ -152,8 +159,9 @@ class KServeController:
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             rc = None if self.proc is None else self.proc.returncode
-            raise KServeControllerError(f"kserve-controller {self.version} is not running (exit {rc}):\n"
-                                        f"{self.log_tail()}")
+            raise KServeControllerError(
+                f"kserve-controller {self.version} is not running (exit {rc}):\n{self.log_tail()}"
+            )
 
     @property
     def pid(self) -> Optional[int]:
@@ -161,14 +169,15 @@ class KServeController:
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def start(self, timeout: float = 180.0) -> "KServeController":
+    def start(self, timeout: float = 180.0) -> KServeController:
         if self._started:
             return self
         missing = missing_files(self.version)
         if missing:
             raise KServeControllerError(
                 f"KServe {self.version} files missing in {self.dir_in_cache}: {', '.join(missing)}; "
-                "run `bash tests/k8s/build-kserve.sh` first")
+                "run `bash tests/k8s/build-kserve.sh` first"
+            )
         t0 = time.monotonic()
         deadline = t0 + timeout
         self.dir = Path(tempfile.mkdtemp(prefix=f"lsbert-kserve-{self.version}-"))
@@ -213,7 +222,7 @@ class KServeController:
         if errors:
             print(f"kserve-controller {self.version} stop: " + "; ".join(errors))
 
-    def __enter__(self) -> "KServeController":
+    def __enter__(self) -> KServeController:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -225,8 +234,15 @@ class KServeController:
         """Change ``deploy.defaultDeploymentMode`` in the ConfigMap (the manager reads it per reconcile)."""
         self.default_mode = mode
         cm = self._configmap()
-        self.cp.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=lsbert-tests",
-                        "-f", "-", input=json.dumps(cm))
+        self.cp.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=lsbert-tests",
+            "-f",
+            "-",
+            input=json.dumps(cm),
+        )
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -236,13 +252,23 @@ class KServeController:
         self.ports = {k: free_port() for k in ("webhook", "metrics", "health")}
 
         # Namespace + ConfigMap (a namespace left terminating by a previous controller must go first).
-        wait_until(lambda: ((_get_json(cp, "namespace", NAMESPACE) or {}).get("status") or {}).get("phase")
-                   != "Terminating", max(1.0, deadline - time.monotonic()), f"namespace {NAMESPACE} deleted")
+        wait_until(
+            lambda: ((_get_json(cp, "namespace", NAMESPACE) or {}).get("status") or {}).get("phase") != "Terminating",
+            max(1.0, deadline - time.monotonic()),
+            f"namespace {NAMESPACE} deleted",
+        )
         if not _exists(cp, "namespace", NAMESPACE):
             cp.create_namespace(NAMESPACE)
             self._created_namespace = True
-        cp.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=lsbert-tests", "-f", "-",
-                   input=json.dumps(self._configmap()))
+        cp.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=lsbert-tests",
+            "-f",
+            "-",
+            input=json.dumps(self._configmap()),
+        )
 
         # CRDs: save what is there, then apply this version's (server-side: the InferenceService CRD is too
         # large for the last-applied annotation).
@@ -257,8 +283,9 @@ class KServeController:
             args += ["-f", str(f)]
         cp.kubectl(*args, timeout=max(10.0, deadline - time.monotonic()))
         for name in self._crd_names:
-            wait_until(lambda n=name: _crd_established(cp, n), max(1.0, deadline - time.monotonic()),
-                       f"CRD {name} Established")
+            wait_until(
+                lambda n=name: _crd_established(cp, n), max(1.0, deadline - time.monotonic()), f"CRD {name} Established"
+            )
 
         # Serving certificate for 127.0.0.1.
         pki = _PKI(self.dir / "pki")
@@ -271,34 +298,55 @@ class KServeController:
 
         # The manager.
         env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
-        env.update({
-            "KUBECONFIG": str(cp.kubeconfig),
-            "POD_NAMESPACE": NAMESPACE,
-            "TMPDIR": str(self.dir),
-            "NO_PROXY": "127.0.0.1,localhost",
-            "no_proxy": "127.0.0.1,localhost",
-        })
+        env.update(
+            {
+                "KUBECONFIG": str(cp.kubeconfig),
+                "POD_NAMESPACE": NAMESPACE,
+                "TMPDIR": str(self.dir),
+                "NO_PROXY": "127.0.0.1,localhost",
+                "no_proxy": "127.0.0.1,localhost",
+            }
+        )
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [str(self.binary),
-                 f"--metrics-addr=127.0.0.1:{self.ports['metrics']}",
-                 f"--health-probe-addr=127.0.0.1:{self.ports['health']}",
-                 f"--webhook-port={self.ports['webhook']}",
-                 "--leader-elect=false"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=str(self.dir), env=env,
+                [
+                    str(self.binary),
+                    f"--metrics-addr=127.0.0.1:{self.ports['metrics']}",
+                    f"--health-probe-addr=127.0.0.1:{self.ports['health']}",
+                    f"--webhook-port={self.ports['webhook']}",
+                    "--leader-elect=false",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=str(self.dir),
+                env=env,
                 start_new_session=True,
             )
         wait_until(self._healthy, max(1.0, deadline - time.monotonic()), f"kserve-controller {self.version} /readyz")
-        wait_until(self._webhook_listening, max(1.0, deadline - time.monotonic()),
-                   f"kserve-controller {self.version} webhook server on 127.0.0.1:{self.ports['webhook']}")
+        wait_until(
+            self._webhook_listening,
+            max(1.0, deadline - time.monotonic()),
+            f"kserve-controller {self.version} webhook server on 127.0.0.1:{self.ports['webhook']}",
+        )
 
         # Webhook configurations, pointed at the manager.
         for doc in self._webhook_configurations():
-            cp.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=lsbert-tests", "-f", "-",
-                       input=json.dumps(doc))
+            cp.kubectl(
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=lsbert-tests",
+                "-f",
+                "-",
+                input=json.dumps(doc),
+            )
             self._webhooks.append((doc["kind"].lower(), doc["metadata"]["name"]))
-        wait_until(self._admission_works, max(1.0, deadline - time.monotonic()),
-                   "an InferenceService dry-run create defaulted by the KServe mutating webhook")
+        wait_until(
+            self._admission_works,
+            max(1.0, deadline - time.monotonic()),
+            "an InferenceService dry-run create defaulted by the KServe mutating webhook",
+        )
 
     def _configmap(self) -> dict[str, Any]:
         doc = yaml.safe_load((self.dir_in_cache / "inferenceservice-config.yaml").read_text())
@@ -341,22 +389,29 @@ class KServeController:
         ctx = ssl.create_default_context()
         ctx.load_verify_locations(cadata=self.ca_bundle.decode() if self.ca_bundle else None)
         try:
-            with socket.create_connection(("127.0.0.1", self.ports["webhook"]), timeout=2) as raw:
-                with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
-                    return True
+            with (
+                socket.create_connection(("127.0.0.1", self.ports["webhook"]), timeout=2) as raw,
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
+            ):
+                return True
         except (OSError, ssl.SSLError):
             return False
 
     def _admission_works(self) -> bool:
         self.check_alive()
         probe = {
-            "apiVersion": f"{GROUP}/v1beta1", "kind": "InferenceService",
-            "metadata": {"name": "lsbert-admission-probe", "namespace": NAMESPACE,
-                         "annotations": {"serving.kserve.io/deploymentMode": self.default_mode}},
+            "apiVersion": f"{GROUP}/v1beta1",
+            "kind": "InferenceService",
+            "metadata": {
+                "name": "lsbert-admission-probe",
+                "namespace": NAMESPACE,
+                "annotations": {"serving.kserve.io/deploymentMode": self.default_mode},
+            },
             "spec": {"predictor": {"containers": [{"name": "kserve-container", "image": "registry.invalid/probe"}]}},
         }
-        res = self.cp.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(probe),
-                              check=False)
+        res = self.cp.kubectl(
+            "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(probe), check=False
+        )
         if res.returncode != 0:
             return False
         created = json.loads(res.stdout)
@@ -377,9 +432,16 @@ class KServeController:
             finalizers = isvc["metadata"].get("finalizers") or []
             if ISVC_FINALIZER in finalizers:
                 keep = [f for f in finalizers if f != ISVC_FINALIZER]
-                self.cp.kubectl("patch", f"inferenceservices.{GROUP}", isvc["metadata"]["name"],
-                                "-n", isvc["metadata"]["namespace"], "--type=merge",
-                                "-p", json.dumps({"metadata": {"finalizers": keep or None}}))
+                self.cp.kubectl(
+                    "patch",
+                    f"inferenceservices.{GROUP}",
+                    isvc["metadata"]["name"],
+                    "-n",
+                    isvc["metadata"]["namespace"],
+                    "--type=merge",
+                    "-p",
+                    json.dumps({"metadata": {"finalizers": keep or None}}),
+                )
 
     def _restore_crds(self) -> None:
         added = [n for n in self._crd_names if n not in self._saved_crds]
@@ -387,8 +449,16 @@ class KServeController:
             self._delete("customresourcedefinition", name)
         if self._saved_crds:
             docs = {"apiVersion": "v1", "kind": "List", "items": list(self._saved_crds.values())}
-            self.cp.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=lsbert-tests",
-                            "-f", "-", input=json.dumps(docs), timeout=120)
+            self.cp.kubectl(
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=lsbert-tests",
+                "-f",
+                "-",
+                input=json.dumps(docs),
+                timeout=120,
+            )
             for name in self._saved_crds:
                 wait_until(lambda n=name: _crd_established(self.cp, n), 60, f"CRD {name} Established again")
         self._saved_crds.clear()

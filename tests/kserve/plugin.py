@@ -50,8 +50,10 @@ def kserve_controller(request: pytest.FixtureRequest, control_plane: ControlPlan
         pytest.skip(msg)
     controller = KServeController(control_plane, version)
     controller.start()
-    _STARTUP.append(f"kserve-controller {version} started in {controller.startup_seconds:.1f}s "
-                    f"(pid {controller.pid}, webhooks on 127.0.0.1:{controller.ports['webhook']})")
+    _STARTUP.append(
+        f"kserve-controller {version} started in {controller.startup_seconds:.1f}s "
+        f"(pid {controller.pid}, webhooks on 127.0.0.1:{controller.ports['webhook']})"
+    )
     try:
         yield controller
     finally:

@@ -53,21 +53,33 @@ class Release:
         self.cp.create_namespace(self.namespace)
         # kwok has no storage provisioner: a static volume for the chart's claim (never mounted).
         with self.cp.api_client() as api:
-            client.CoreV1Api(api).create_persistent_volume(client.V1PersistentVolume(
-                metadata=client.V1ObjectMeta(name=self.pv),
-                spec=client.V1PersistentVolumeSpec(
-                    storage_class_name=self.storage_class, capacity={"storage": "1Gi"},
-                    access_modes=["ReadWriteMany"], persistent_volume_reclaim_policy="Retain",
-                    host_path=client.V1HostPathVolumeSource(path="/nonexistent/lsbert-test", type=""))))
-        self.helm("install", RELEASE, str(CHART), "-f", str(self.values_file),
-                  "--set", f"storage.pvc.storageClassName={self.storage_class}")
+            client.CoreV1Api(api).create_persistent_volume(
+                client.V1PersistentVolume(
+                    metadata=client.V1ObjectMeta(name=self.pv),
+                    spec=client.V1PersistentVolumeSpec(
+                        storage_class_name=self.storage_class,
+                        capacity={"storage": "1Gi"},
+                        access_modes=["ReadWriteMany"],
+                        persistent_volume_reclaim_policy="Retain",
+                        host_path=client.V1HostPathVolumeSource(path="/nonexistent/lsbert-test", type=""),
+                    ),
+                )
+            )
+        self.helm(
+            "install",
+            RELEASE,
+            str(CHART),
+            "-f",
+            str(self.values_file),
+            "--set",
+            f"storage.pvc.storageClassName={self.storage_class}",
+        )
 
     def remove(self) -> None:
         self.helm("uninstall", RELEASE, "--wait", "--timeout", "60s", check=False)
         with self.cp.api_client() as api:
             core = client.CoreV1Api(api)
-            for call in (lambda: core.delete_namespace(self.namespace),
-                         lambda: core.delete_persistent_volume(self.pv)):
+            for call in (lambda: core.delete_namespace(self.namespace), lambda: core.delete_persistent_volume(self.pv)):
                 try:
                     call()
                 except ApiException as exc:
@@ -105,20 +117,26 @@ def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
 
 
 def _owned_by(obj: Any, owner: dict[str, Any]) -> bool:
-    return any(ref.uid == owner["metadata"]["uid"] and ref.kind == "InferenceService" and ref.controller
-               for ref in obj.metadata.owner_references or [])
+    return any(
+        ref.uid == owner["metadata"]["uid"] and ref.kind == "InferenceService" and ref.controller
+        for ref in obj.metadata.owner_references or []
+    )
 
 
 def _replica_sets(apps: client.AppsV1Api, ns: str, deployment: Any) -> list[Any]:
-    return [rs for rs in apps.list_namespaced_replica_set(ns).items
-            if any(ref.uid == deployment.metadata.uid for ref in rs.metadata.owner_references or [])]
+    return [
+        rs
+        for rs in apps.list_namespaced_replica_set(ns).items
+        if any(ref.uid == deployment.metadata.uid for ref in rs.metadata.owner_references or [])
+    ]
 
 
 # ------------------------------------------------------------------------------------------ tests
 
 
 def test_inference_service_becomes_predictor_deployment_and_service(
-        kserve_controller: KServeController, release: Release) -> None:
+    kserve_controller: KServeController, release: Release
+) -> None:
     cp, ns = release.cp, release.namespace
     rendered = _isvc(cp, ns)
     (chart_container,) = rendered["spec"]["predictor"]["containers"]
@@ -136,6 +154,7 @@ def test_inference_service_becomes_predictor_deployment_and_service(
 
         deployment = wait_until(available, TIMEOUT, f"KServe to create {PREDICTOR} and kwok to make 2 pods Ready")
         service = core.read_namespaced_service(PREDICTOR, ns)
+
         def ready() -> Any:
             isvc = _isvc(cp, ns)
             return isvc if _condition(isvc, "Ready").get("status") == "True" else None
@@ -156,8 +175,11 @@ def test_inference_service_becomes_predictor_deployment_and_service(
         pod_spec = deployment.spec.template.spec
         (container,) = [c for c in pod_spec.containers if c.name == "kserve-container"]
         assert container.image == f"{IMAGE['repository']}:{IMAGE['tag']}"
-        for probe, path in (("startup_probe", "/v1/models/lsbert"), ("readiness_probe", "/v1/models/lsbert"),
-                            ("liveness_probe", "/")):
+        for probe, path in (
+            ("startup_probe", "/v1/models/lsbert"),
+            ("readiness_probe", "/v1/models/lsbert"),
+            ("liveness_probe", "/"),
+        ):
             assert getattr(container, probe).http_get.path == path, probe
         env = {e.name: e for e in container.env}
         assert {e["name"] for e in chart_container["env"]} <= set(env)
@@ -171,13 +193,15 @@ def test_inference_service_becomes_predictor_deployment_and_service(
         assert volumes["checkpoints"].persistent_volume_claim.claim_name == f"{FULLNAME}-checkpoints"
         assert volumes["tmp"].empty_dir is not None and volumes["cache"].empty_dir is not None
         assert container.security_context.read_only_root_filesystem is True
+        assert container.lifecycle.pre_stop._exec.command == ["sleep", "5"]  # the chart's drain before SIGTERM
         assert pod_spec.service_account_name == FULLNAME and pod_spec.security_context.run_as_non_root
 
         # Service: port 80 -> the container's 8080, selecting exactly the predictor pods.
         (port,) = service.spec.ports
         assert port.port == 80 and port.target_port in (8080, "http1")
         pods = core.list_namespaced_pod(
-            ns, label_selector=",".join(f"{k}={v}" for k, v in service.spec.selector.items())).items
+            ns, label_selector=",".join(f"{k}={v}" for k, v in service.spec.selector.items())
+        ).items
         assert len(pods) == 2
         for pod in pods:
             assert pod.status.phase == "Running" and pod.spec.node_name == CPU_NODE
@@ -190,21 +214,29 @@ def test_webhooks_default_and_refuse(kserve_controller: KServeController, releas
 
     def isvc(name: str, **annotations: str) -> dict[str, Any]:
         return {
-            "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-            "metadata": {"name": name, "namespace": ns,
-                         "annotations": {"serving.kserve.io/deploymentMode": "RawDeployment", **annotations}},
+            "apiVersion": "serving.kserve.io/v1beta1",
+            "kind": "InferenceService",
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "annotations": {"serving.kserve.io/deploymentMode": "RawDeployment", **annotations},
+            },
             "spec": {"predictor": {"containers": [{"name": "kserve-container", "image": "registry.invalid/x"}]}},
         }
 
     # Mutating webhook: a container without resources gets KServe's defaults.
-    created = json.loads(cp.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-",
-                                    input=json.dumps(isvc("defaults-probe"))).stdout)
+    created = json.loads(
+        cp.kubectl(
+            "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(isvc("defaults-probe"))
+        ).stdout
+    )
     (container,) = created["spec"]["predictor"]["containers"]
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
 
     # Validating webhook: a name the API server accepts (a DNS subdomain) but KServe does not.
-    res = cp.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(isvc("9-starts-with-a-digit")),
-                     check=False)
+    res = cp.kubectl(
+        "create", "--dry-run=server", "-f", "-", input=json.dumps(isvc("9-starts-with-a-digit")), check=False
+    )
     assert res.returncode != 0 and "denied the request" in res.stderr, res.stderr
     assert "9-starts-with-a-digit" in res.stderr
 
@@ -215,8 +247,9 @@ def test_webhooks_default_and_refuse(kserve_controller: KServeController, releas
     assert _isvc(cp, ns)["status"]["deploymentMode"] == standard_mode_name(kserve_controller.version)
 
 
-def test_restart_rollout_rolls_a_new_replica_set(kserve_controller: KServeController, release: Release,
-                                                 tmp_path: Path) -> None:
+def test_restart_rollout_rolls_a_new_replica_set(
+    kserve_controller: KServeController, release: Release, tmp_path: Path
+) -> None:
     """The predictor's own rollout code, with the chart's ServiceAccount: patch the InferenceService, KServe
     rolls the Deployment, completion is judged from the Deployment status."""
     from lsbert.store.local import LocalStore
@@ -262,8 +295,9 @@ def test_restart_rollout_rolls_a_new_replica_set(kserve_controller: KServeContro
         assert new[0].spec.template.metadata.annotations[ANNOTATION] == wanted
         assert new[0].status.ready_replicas == 2
         assert all(rs.spec.replicas == 0 for rs in sets if rs.metadata.name in old_sets)
-        pods = core.list_namespaced_pod(ns, label_selector=f"app.kubernetes.io/instance={RELEASE},"
-                                                           "app.kubernetes.io/component=predictor").items
+        pods = core.list_namespaced_pod(
+            ns, label_selector=f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=predictor"
+        ).items
         live = [p for p in pods if p.metadata.deletion_timestamp is None]
         assert len(live) == 2 and all(p.metadata.annotations[ANNOTATION] == wanted for p in live)
         # Pods are admitted through KServe's pod mutator as well (failurePolicy Fail): they exist, so it answered.
@@ -272,8 +306,11 @@ def test_restart_rollout_rolls_a_new_replica_set(kserve_controller: KServeContro
     release.helm("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", "settings.LOG_LEVEL=DEBUG")
     assert _isvc(cp, ns)["spec"]["predictor"]["annotations"][ANNOTATION] == wanted
     with cp.api_client() as api:
-        wait_until(lambda: rollout_finished(PREDICTOR, ns, api_client=api, checkpoint_id=wanted), TIMEOUT,
-                   "the upgrade's rollout (new settings checksum) finished on the same checkpoints")
+        wait_until(
+            lambda: rollout_finished(PREDICTOR, ns, api_client=api, checkpoint_id=wanted),
+            TIMEOUT,
+            "the upgrade's rollout (new settings checksum) finished on the same checkpoints",
+        )
         template = client.AppsV1Api(api).read_namespaced_deployment(PREDICTOR, ns).spec.template
         assert template.metadata.annotations[ANNOTATION] == wanted
     kserve_controller.check_alive()
@@ -289,17 +326,29 @@ def test_mode_names_each_version_accepts(kserve_controller: KServeController, re
     name = f"mode-{uuid.uuid4().hex[:5]}"
     mode = "Standard" if old else "RawDeployment"
     body = {
-        "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-        "metadata": {"name": name, "namespace": ns, "annotations": {"serving.kserve.io/deploymentMode": mode,
-                                                                   "serving.kserve.io/autoscalerClass": "none"}},
-        "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 1,
-                               "containers": [{"name": "kserve-container", "image": "registry.invalid/x"}]}},
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "annotations": {"serving.kserve.io/deploymentMode": mode, "serving.kserve.io/autoscalerClass": "none"},
+        },
+        "spec": {
+            "predictor": {
+                "minReplicas": 1,
+                "maxReplicas": 1,
+                "containers": [{"name": "kserve-container", "image": "registry.invalid/x"}],
+            }
+        },
     }
     recorded_name = standard_mode_name(kserve_controller.version)
     cp.kubectl("create", "-f", "-", input=json.dumps(body))
     try:
-        recorded = wait_until(lambda: (_isvc(cp, ns, name).get("status") or {}).get("deploymentMode"), TIMEOUT,
-                              f"KServe to record the deployment mode of {name}")
+        recorded = wait_until(
+            lambda: (_isvc(cp, ns, name).get("status") or {}).get("deploymentMode"),
+            TIMEOUT,
+            f"KServe to record the deployment mode of {name}",
+        )
         assert recorded == recorded_name
         stored = _isvc(cp, ns, name)["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
         patch = json.dumps({"spec": {"predictor": {"annotations": {ANNOTATION: "p1=x"}}}})
@@ -318,8 +367,17 @@ def test_mode_names_each_version_accepts(kserve_controller: KServeController, re
         # The recorded mode's own name lets KServe finish (or the test clean up) on every version.
         fix = json.dumps({"metadata": {"annotations": {"serving.kserve.io/deploymentMode": recorded_name}}})
         cp.kubectl("patch", "inferenceservice", name, "-n", ns, "--type=merge", "-p", fix, check=False)
-        cp.kubectl("delete", "inferenceservice", name, "-n", ns, "--ignore-not-found", "--wait=true",
-                   "--timeout=60s", timeout=90)
+        cp.kubectl(
+            "delete",
+            "inferenceservice",
+            name,
+            "-n",
+            ns,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=60s",
+            timeout=90,
+        )
 
 
 def test_uninstall_lets_kserve_clean_up(kserve_controller: KServeController, release: Release) -> None:

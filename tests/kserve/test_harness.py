@@ -49,12 +49,15 @@ def test_start_and_stop_leave_the_control_plane_as_found(control_plane: ControlP
         controller.start()
         running = _state(cp)
         assert running["namespace"] == f"namespace/{NAMESPACE}"
-        assert {"customresourcedefinition.apiextensions.k8s.io/trainedmodels.serving.kserve.io",
-                "customresourcedefinition.apiextensions.k8s.io/inferencegraphs.serving.kserve.io"} <= set(
-                    running["crds"])  # type: ignore[arg-type]
+        assert {
+            "customresourcedefinition.apiextensions.k8s.io/trainedmodels.serving.kserve.io",
+            "customresourcedefinition.apiextensions.k8s.io/inferencegraphs.serving.kserve.io",
+        } <= set(running["crds"])  # type: ignore[arg-type]
         assert running["isvc-crd-schema"] != before["isvc-crd-schema"]  # the version's own schema
-        assert "validatingwebhookconfiguration.admissionregistration.k8s.io/inferenceservice.serving.kserve.io" \
-            in running["webhooks"]  # type: ignore[operator]
+        assert (
+            "validatingwebhookconfiguration.admissionregistration.k8s.io/inferenceservice.serving.kserve.io"
+            in running["webhooks"]
+        )  # type: ignore[operator]
         pid = controller.pid
         assert pid is not None
     finally:

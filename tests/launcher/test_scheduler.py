@@ -3,15 +3,13 @@ follow-up. Runs are real child processes (tests/launcher/gate.py) started by the
 
 import asyncio
 import sys
-import time
 from pathlib import Path
-
-import pytest
 
 from lsbert.launcher.base import RunPhase
 from lsbert.launcher.local import LocalLauncher
 from lsbert.launcher.scheduler import TrainingScheduler
 from lsbert.store.local import LocalStore
+from tests.support.polling import until
 
 GATE = Path(__file__).with_name("gate.py")
 
@@ -20,16 +18,15 @@ def make(tmp_path: Path, every: int = 10, fail: bool = False, finished=None) -> 
     command = [sys.executable, str(GATE), str(tmp_path)]
     launcher = LocalLauncher(tmp_path / "logs", command=command)
     store = LocalStore(tmp_path / "store")
-    return TrainingScheduler(launcher, store, every_n_updates=every, version_name="ft", poll_seconds=0.05,
-                             train_args=["--fail"] if fail else [], on_finished=finished)
-
-
-async def until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+    return TrainingScheduler(
+        launcher,
+        store,
+        every_n_updates=every,
+        version_name="ft",
+        poll_seconds=0.05,
+        train_args=["--fail"] if fail else [],
+        on_finished=finished,
+    )
 
 
 def started(tmp_path: Path) -> list[str]:
@@ -52,11 +49,15 @@ def test_fifty_events_and_five_presses_during_a_run_give_one_follow_up(tmp_path)
 
     async def scenario():
         scheduler = make(tmp_path, every=10, finished=on_finished)
-        answers = await asyncio.gather(*(scheduler.handle_event("ANNOTATION_CREATED", 3, annotation()) for _ in range(50)))
+        answers = await asyncio.gather(
+            *(scheduler.handle_event("ANNOTATION_CREATED", 3, annotation()) for _ in range(50))
+        )
         await until(lambda: len(started(tmp_path)) == 1)
         assert sum(1 for a in answers if a.get("status") == "started") == 1
         assert sum(1 for a in answers if a.get("status") == "queued") == 4  # the other 4 multiples of 10
-        presses = await asyncio.gather(*(scheduler.handle_event("START_TRAINING", 3, {"project": {"id": 3}}) for _ in range(5)))
+        presses = await asyncio.gather(
+            *(scheduler.handle_event("START_TRAINING", 3, {"project": {"id": 3}}) for _ in range(5))
+        )
         assert all(p["status"] == "queued" and p["job"] == "local-3-ft-0001" for p in presses)
         await asyncio.sleep(0.5)
         assert started(tmp_path) == ["ft-0001"]
@@ -83,7 +84,9 @@ def test_updates_below_the_threshold_do_not_train_and_deletes_count(tmp_path):
             assert (await scheduler.handle_event("ANNOTATION_UPDATED", 4, annotation(4)))["status"] == "ok"
         await asyncio.sleep(0.3)
         assert started(tmp_path) == []
-        answer = await scheduler.handle_event("ANNOTATIONS_DELETED", 4, {"annotations": [{"id": 1}, {"id": 2}], "project": {"id": 4}})
+        answer = await scheduler.handle_event(
+            "ANNOTATIONS_DELETED", 4, {"annotations": [{"id": 1}, {"id": 2}], "project": {"id": 4}}
+        )
         assert answer["status"] == "started"
         await until(lambda: started(tmp_path) == ["ft-0001"])
         release(tmp_path, "ft-0001")
@@ -96,7 +99,9 @@ def test_projects_train_independently_and_unknown_events_are_ignored(tmp_path):
     async def scenario():
         scheduler = make(tmp_path, every=0)
         assert (await scheduler.handle_event("TASKS_CREATED", 1, {}))["status"] == "ignored"
-        assert (await scheduler.handle_event("ANNOTATION_CREATED", 1, annotation(1)))["status"] == "ok"  # every=0: never
+        assert (await scheduler.handle_event("ANNOTATION_CREATED", 1, annotation(1)))[
+            "status"
+        ] == "ok"  # every=0: never
         a = await scheduler.handle_event("START_TRAINING", 1, {})
         b = await scheduler.handle_event("START_TRAINING", 2, {})
         assert a["status"] == b["status"] == "started"

@@ -5,14 +5,21 @@ import random
 import numpy as np
 import pytest
 
-from lsbert.predictor.engine import ZeroShotClassifier, cpu_supports_bf16, select_runtime
+from lsbert.model.engine import ZeroShotClassifier
+from lsbert.model.runtime import cpu_supports_bf16, select_runtime
 from tests.conftest import MINILM
 
 TEXTS = [
-    "I love this product, it works great.", "Terrible, broke after a day.", "awful café ☕ – naïve",
-    "A delightful, moving film with a wonderful cast.", "What a waste of two hours.", "It was fine.",
-    "Shares fell 3% after the earnings call.", "The striker scored twice in the final.",
-    "Parliament passed the budget after a long debate.", "The new phone has a faster chip.",
+    "I love this product, it works great.",
+    "Terrible, broke after a day.",
+    "awful café ☕ – naïve",
+    "A delightful, moving film with a wonderful cast.",
+    "What a waste of two hours.",
+    "It was fine.",
+    "Shares fell 3% after the earnings call.",
+    "The striker scored twice in the final.",
+    "Parliament passed the budget after a long debate.",
+    "The new phone has a faster chip.",
 ] * 3
 LABELS = ("Positive", "Negative")
 
@@ -50,8 +57,12 @@ def test_bf16_agrees_with_fp32_on_a_fixed_set(fp32):
 
 
 def test_zero_shot_is_not_a_random_head(fp32):
-    texts = ["The striker scored twice in the final.", "Parliament passed the budget after a long debate.",
-             "Shares fell 3% after the earnings call.", "The new phone has a faster chip."]
+    texts = [
+        "The striker scored twice in the final.",
+        "Parliament passed the budget after a long debate.",
+        "Shares fell 3% after the earnings call.",
+        "The new phone has a faster chip.",
+    ]
     labels = ("sport", "politics", "business", "technology")
     predicted = fp32.predict_proba(texts, labels, False).argmax(1)
     assert (predicted == np.arange(4)).sum() >= 3

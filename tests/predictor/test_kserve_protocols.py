@@ -12,9 +12,14 @@ def test_readiness_endpoints(lsbert):
 
 
 def test_v1_zero_shot_over_given_labels(lsbert):
-    response = requests.post(lsbert.url + "/v1/models/lsbert:predict",
-                             json={"instances": ["The striker scored twice.", {"text": "Parliament passed the bill."}],
-                                   "labels": ["sport", "politics"]}, timeout=30)
+    response = requests.post(
+        lsbert.url + "/v1/models/lsbert:predict",
+        json={
+            "instances": ["The striker scored twice.", {"text": "Parliament passed the bill."}],
+            "labels": ["sport", "politics"],
+        },
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["labels"] == ["sport", "politics"] and body["model_version"].startswith("zeroshot-")
@@ -26,12 +31,19 @@ def test_v1_zero_shot_over_given_labels(lsbert):
 def test_v1_and_v2_for_a_label_studio_project(lsbert):
     setup = fixture("setup.json")["body_json"]
     version = requests.post(lsbert.url + "/setup", json=setup, timeout=5).json()["model_version"]
-    v1 = requests.post(lsbert.url + "/v1/models/lsbert:predict", json={"instances": ["lovely", "awful"], "project": 1}, timeout=30).json()
+    v1 = requests.post(
+        lsbert.url + "/v1/models/lsbert:predict", json={"instances": ["lovely", "awful"], "project": 1}, timeout=30
+    ).json()
     assert v1["model_version"] == version and v1["labels"] == ["Positive", "Negative"]
-    v2 = requests.post(lsbert.url + "/v2/models/lsbert/infer", json={
-        "id": "r1", "parameters": {"project": "1"},
-        "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["lovely", "awful"]}],
-    }, timeout=30)
+    v2 = requests.post(
+        lsbert.url + "/v2/models/lsbert/infer",
+        json={
+            "id": "r1",
+            "parameters": {"project": "1"},
+            "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["lovely", "awful"]}],
+        },
+        timeout=30,
+    )
     assert v2.status_code == 200, v2.text
     body = v2.json()
     assert body["model_version"] == version and body["id"] == "r1"
@@ -49,7 +61,11 @@ def test_v1_bad_input(lsbert):
 def test_metrics(lsbert):
     requests.post(lsbert.url + "/predict", json=fixture("predict-20-tasks.json")["body_json"], timeout=60)
     text = requests.get(lsbert.url + "/metrics", timeout=5).text
-    for name in ("lsbert_request_seconds_bucket", "lsbert_batch_size_bucket", "lsbert_tasks_predicted_total",
-                 "request_predict_seconds"):
+    for name in (
+        "lsbert_request_seconds_bucket",
+        "lsbert_batch_size_bucket",
+        "lsbert_tasks_predicted_total",
+        "request_predict_seconds",
+    ):
         assert name in text, name
     assert 'lsbert_serving_model_info{kind="zeroshot",project="2",version="zeroshot-' in text

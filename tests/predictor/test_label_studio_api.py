@@ -1,23 +1,33 @@
 """Replays the requests Label Studio 1.23.2 really sent (shared/fixtures) against a running lsbert and checks
 the answers are what Label Studio accepts."""
 
-import json
-
 import pytest
 import requests
 
 from lsbert.labelconfig import parse_label_config
 from tests.conftest import fixture
 
-PREDICT_FIXTURES = ["predict-1-task.json", "predict-20-tasks.json", "predict-3-tasks-basic-auth.json",
-                    "predict-2-tasks-non-ascii.json", "predict-test-request.json", "predict-interactive.json"]
+PREDICT_FIXTURES = [
+    "predict-1-task.json",
+    "predict-20-tasks.json",
+    "predict-3-tasks-basic-auth.json",
+    "predict-2-tasks-non-ascii.json",
+    "predict-test-request.json",
+    "predict-interactive.json",
+]
 
 
 def replay(server, name, **kwargs):
     captured = fixture(name)
     headers = {k: v for k, v in captured["headers"] if k.lower() in {"content-type", "user-agent"}}
-    return requests.request(captured["method"], server.url + captured["path"], data=captured["body_raw"] or None,
-                            headers=headers, timeout=60, **kwargs)
+    return requests.request(
+        captured["method"],
+        server.url + captured["path"],
+        data=captured["body_raw"] or None,
+        headers=headers,
+        timeout=60,
+        **kwargs,
+    )
 
 
 def assert_valid_for_label_studio(request_body, response_body):
@@ -68,7 +78,9 @@ def test_predictions_keep_task_order(lsbert):
     assert [r["score"] for r in forward] == pytest.approx([r["score"] for r in reversed(backward)], abs=1e-4)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in __import__("tests.conftest", fromlist=["FIXTURES"]).FIXTURES.glob("webhook-*.json")))
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in __import__("tests.conftest", fromlist=["FIXTURES"]).FIXTURES.glob("webhook-*.json"))
+)
 def test_every_webhook_event_is_acknowledged_fast(lsbert, name):
     response = replay(lsbert, name)
     assert response.status_code == 200, response.text
@@ -86,8 +98,12 @@ def test_versions_and_legacy_train(lsbert):
 
 def test_label_config_drift_is_followed(lsbert):
     body = fixture("predict-1-task.json")["body_json"]
-    body["label_config"] = body["label_config"].replace('<Choice value="Negative"/>', '<Choice value="Negative"/><Choice value="Neutral"/>')
+    body["label_config"] = body["label_config"].replace(
+        '<Choice value="Negative"/>', '<Choice value="Negative"/><Choice value="Neutral"/>'
+    )
     first = requests.post(lsbert.url + "/predict", json=body, timeout=30).json()["results"][0]
     assert first["result"][0]["value"]["choices"][0] in {"Positive", "Negative", "Neutral"}
-    setup = requests.post(lsbert.url + "/setup", json={"project": body["project"], "schema": body["label_config"]}).json()
+    setup = requests.post(
+        lsbert.url + "/setup", json={"project": body["project"], "schema": body["label_config"]}
+    ).json()
     assert setup["model_version"] == first["model_version"]

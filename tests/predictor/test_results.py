@@ -3,8 +3,10 @@ import numpy as np
 from lsbert.labelconfig import parse_label_config
 from lsbert.predictor.results import decide, project_probabilities, task_text, to_label_studio
 
-SPEC = parse_label_config('<View><Text name="text" value="$text"/><Choices name="s" toName="text">'
-                          '<Choice value="Positive"/><Choice value="Negative"/></Choices></View>')
+SPEC = parse_label_config(
+    '<View><Text name="text" value="$text"/><Choices name="s" toName="text">'
+    '<Choice value="Positive"/><Choice value="Negative"/></Choices></View>'
+)
 
 
 def test_labels_missing_from_the_config_are_dropped_and_renormalised():
@@ -33,7 +35,12 @@ def test_label_studio_shape():
 
 def test_task_text_reasons():
     assert task_text({"data": {"text": "hi"}}, "text") == ("hi", None)
-    for task, reason in [({"data": {}}, "no field"), ({"data": {"text": 3}}, "not a string"),
-                         ({"data": {"text": "  "}}, "empty"), ({}, "no data"), ("x", "not an object")]:
+    for task, reason in [
+        ({"data": {}}, "no field"),
+        ({"data": {"text": 3}}, "not a string"),
+        ({"data": {"text": "  "}}, "empty"),
+        ({}, "no data"),
+        ("x", "not an object"),
+    ]:
         text, why = task_text(task, "text")
         assert text is None and reason in why

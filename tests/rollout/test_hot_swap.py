@@ -2,13 +2,13 @@
 zero failed requests and no response that mixes two versions."""
 
 import threading
-import time
 
 import requests
 
 from lsbert.store.local import LocalStore
 from tests.conftest import fixture
 from tests.support.checkpoints import save_checkpoint
+from tests.support.polling import wait_until
 
 BODY = fixture("predict-20-tasks.json")["body_json"]
 PROJECT = int(BODY["project"].split(".")[0])
@@ -19,8 +19,9 @@ def test_swap_under_continuous_predict_load(server_factory, tmp_path):
     labels = ("Positive", "Negative")
     save_checkpoint(store, PROJECT, "ft-0001", labels, seed=1)
     store.promote(PROJECT, "ft-0001")
-    server = server_factory({"MODEL_DIR": str(store.root), "TRAINING_LAUNCHER": "none", "ROLLOUT_POLL_SECONDS": "0.5"},
-                            name="rollout")
+    server = server_factory(
+        {"MODEL_DIR": str(store.root), "TRAINING_LAUNCHER": "none", "ROLLOUT_POLL_SECONDS": "0.5"}, name="rollout"
+    )
     setup = {"project": BODY["project"], "schema": BODY["label_config"]}
     assert requests.post(server.url + "/setup", json=setup, timeout=5).json()["model_version"] == "ft-0001"
 
@@ -46,15 +47,20 @@ def test_swap_under_continuous_predict_load(server_factory, tmp_path):
     threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(2)
+    wait_until(lambda: all(len(s) >= 2 for s in seen) or errors, 60, "every worker answered twice by ft-0001")
     save_checkpoint(store, PROJECT, "ft-0002", labels, seed=2)
     store.promote(PROJECT, "ft-0002")
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if requests.post(server.url + "/setup", json=setup, timeout=5).json()["model_version"] == "ft-0002":
-            break
-        time.sleep(0.2)
-    time.sleep(2)
+    wait_until(
+        lambda: requests.post(server.url + "/setup", json=setup, timeout=5).json()["model_version"] == "ft-0002",
+        60,
+        "the predictor to serve ft-0002",
+        interval=0.2,
+    )
+    wait_until(
+        lambda: all(s[-2:] == ["ft-0002", "ft-0002"] for s in seen) or errors,
+        60,
+        "every worker answered twice by ft-0002",
+    )
     stop.set()
     for t in threads:
         t.join()
@@ -69,8 +75,10 @@ def test_swap_under_continuous_predict_load(server_factory, tmp_path):
     assert any("ft-0001" in v for v in seen) and all(v[-1] == "ft-0002" for v in seen)
     metrics = requests.get(server.url + "/metrics", timeout=5).text
     assert "lsbert_model_swaps_total 1.0" in metrics
-    serving = [l for l in metrics.splitlines() if l.startswith("lsbert_serving_model_info{")]
-    assert f'lsbert_serving_model_info{{kind="finetuned",project="{PROJECT}",version="ft-0001"}} 0.0' in serving, serving
+    serving = [line for line in metrics.splitlines() if line.startswith("lsbert_serving_model_info{")]
+    assert f'lsbert_serving_model_info{{kind="finetuned",project="{PROJECT}",version="ft-0001"}} 0.0' in serving, (
+        serving
+    )
     assert f'lsbert_serving_model_info{{kind="finetuned",project="{PROJECT}",version="ft-0002"}} 1.0' in serving
     assert "swapped ft-0001 -> ft-0002" in server.log()
 
@@ -84,14 +92,11 @@ def test_predictors_sharing_a_store_converge(server_factory, tmp_path):
     setup = {"project": BODY["project"], "schema": BODY["label_config"]}
     save_checkpoint(store, PROJECT, "ft-0002", ("Positive", "Negative"), seed=4)
     store.promote(PROJECT, "ft-0002")
-    deadline = time.time() + 60
-    versions = []
-    while time.time() < deadline:
-        versions = [requests.post(s.url + "/setup", json=setup, timeout=5).json()["model_version"] for s in servers]
-        if versions == ["ft-0002", "ft-0002"]:
-            break
-        time.sleep(0.3)
-    assert versions == ["ft-0002", "ft-0002"]
+
+    def versions() -> list[str]:
+        return [requests.post(s.url + "/setup", json=setup, timeout=5).json()["model_version"] for s in servers]
+
+    wait_until(lambda: versions() == ["ft-0002", "ft-0002"], 60, "both replicas to serve ft-0002", interval=0.3)
     answers = [requests.post(s.url + "/predict", json=BODY, timeout=30).json()["results"] for s in servers]
     assert [r["result"][0]["value"] for r in answers[0]] == [r["result"][0]["value"] for r in answers[1]]
 

@@ -63,7 +63,7 @@ def run(spec: dict[str, Any], client: Any = None) -> Any:
 
 def serve() -> None:
     import lsbert.store.local  # noqa: F401  (import once, before forking)
-    from lsbert.store.s3 import _make_client
+    from lsbert.store.s3util import make_client as _make_client
 
     client = _make_client() if os.environ.get("AWS_ENDPOINT_URL") else None
     for line in sys.stdin:

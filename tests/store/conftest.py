@@ -66,14 +66,16 @@ def start_moto(tmp_dir: Path, extra_env: Optional[dict[str, str]] = None) -> Mot
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}: {(tmp_dir / f'moto-{port}.log').read_text()}")
+            raise RuntimeError(
+                f"moto_server exited with {proc.returncode}: {(tmp_dir / f'moto-{port}.log').read_text()}"
+            )
         try:
             urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).read()
             break
         except OSError:
             if time.monotonic() > deadline:
                 stop_moto(proc)
-                raise RuntimeError("moto_server did not come up in 30 s")
+                raise RuntimeError("moto_server did not come up in 30 s") from None
             time.sleep(0.1)
     return MotoServer(endpoint=endpoint, proc=proc)
 
@@ -154,7 +156,7 @@ class ForkServers:
     def s3_client(self, env: dict[str, str]) -> Any:
         """One boto3 client for the in-process S3 stores of the session (creating one costs ~0.4 s)."""
         if "s3" not in self._clients:
-            from lsbert.store.s3 import _make_client
+            from lsbert.store.s3util import make_client as _make_client
 
             self._clients["s3"] = _make_client()
         return self._clients["s3"]
@@ -181,7 +183,7 @@ class Backend:
     env: dict[str, str] = field(default_factory=dict)
     servers: Optional[ForkServers] = None
 
-    def at(self, suffix: str) -> "Backend":
+    def at(self, suffix: str) -> Backend:
         """Another, empty store location of the same kind."""
         return Backend(self.kind, f"{self.uri}-{suffix}", self.cache_dir / suffix, self.env, self.servers)
 
@@ -204,7 +206,10 @@ class Backend:
         spec = {"uri": self.uri, "cache_dir": str(self.cache_dir), "op": op, **args}
         env = dict(os.environ, **self.env)
         return subprocess.Popen(
-            [sys.executable, str(CHILD), json.dumps(spec)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, str(CHILD), json.dumps(spec)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
 

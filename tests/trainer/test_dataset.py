@@ -44,7 +44,10 @@ def test_legacy_train_body_captured_from_label_studio():
     assert [(e.task_id, e.labels) for e in examples] == [(1, ("Positive",)), (2, ("Negative",)), (3, ("Positive",))]
     assert examples[0].text == "I love this product, it works great."
     assert report.as_dict() == {
-        "tasks": 3, "examples": 3, "skipped": {}, "label_counts": {"Positive": 2, "Negative": 1},
+        "tasks": 3,
+        "examples": 3,
+        "skipped": {},
+        "label_counts": {"Positive": 2, "Negative": 1},
     }
 
 
@@ -71,42 +74,66 @@ def test_export_wrappers():
 
 
 def test_ground_truth_wins_over_a_more_recent_annotation():
-    tasks = [text_task(1, [
-        annotation(1, 1, [result(["Negative"])], created_at="2026-11-28T10:00:00Z", ground_truth=True),
-        annotation(2, 1, [result(["Positive"])], created_at="2026-11-28T12:00:00Z"),
-    ])]
+    tasks = [
+        text_task(
+            1,
+            [
+                annotation(1, 1, [result(["Negative"])], created_at="2026-11-28T10:00:00Z", ground_truth=True),
+                annotation(2, 1, [result(["Positive"])], created_at="2026-11-28T12:00:00Z"),
+            ],
+        )
+    ]
     examples, _ = one(tasks)
     assert examples[0].labels == ("Negative",)
 
 
 def test_most_recent_of_several_annotators_wins():
-    tasks = [text_task(1, [
-        annotation(5, 1, [result(["Negative"])], created_at="2026-11-28T09:00:00Z", updated_at="2026-11-28T13:00:00Z",
-                   completed_by=2),
-        annotation(6, 1, [result(["Positive"])], created_at="2026-11-28T12:00:00Z", completed_by=3),
-        annotation(7, 1, [result(["Positive"])], created_at="2026-11-28T11:00:00.123456+00:00", completed_by=4),
-    ])]
+    tasks = [
+        text_task(
+            1,
+            [
+                annotation(
+                    5,
+                    1,
+                    [result(["Negative"])],
+                    created_at="2026-11-28T09:00:00Z",
+                    updated_at="2026-11-28T13:00:00Z",
+                    completed_by=2,
+                ),
+                annotation(6, 1, [result(["Positive"])], created_at="2026-11-28T12:00:00Z", completed_by=3),
+                annotation(7, 1, [result(["Positive"])], created_at="2026-11-28T11:00:00.123456+00:00", completed_by=4),
+            ],
+        )
+    ]
     examples, _ = one(tasks)
     assert examples[0].labels == ("Negative",)  # edited last, though created first
 
 
 def test_equal_timestamps_fall_back_to_the_annotation_id():
     stamp = "2026-11-28T13:09:18.717143Z"
-    tasks = [text_task(1, [
-        annotation(9, 1, [result(["Negative"])], created_at=stamp),
-        annotation(3, 1, [result(["Positive"])], created_at=stamp),
-    ])]
+    tasks = [
+        text_task(
+            1,
+            [
+                annotation(9, 1, [result(["Negative"])], created_at=stamp),
+                annotation(3, 1, [result(["Positive"])], created_at=stamp),
+            ],
+        )
+    ]
     assert one(tasks)[0][0].labels == ("Negative",)
 
 
 def test_cancelled_annotations_are_skipped():
     tasks = [
         text_task(1, [annotation(1, 1, [], was_cancelled=True)]),
-        text_task(2, [
-            annotation(2, 2, [result(["Positive"])], created_at="2026-11-28T10:00:00Z"),
-            # Newer, but the annotator pressed Skip (LS may keep a result on a cancelled annotation).
-            annotation(3, 2, [result(["Negative"])], created_at="2026-11-28T12:00:00Z", was_cancelled=True),
-        ]),
+        text_task(
+            2,
+            [
+                annotation(2, 2, [result(["Positive"])], created_at="2026-11-28T10:00:00Z"),
+                # Newer, but the annotator pressed Skip (LS may keep a result on a cancelled annotation).
+                annotation(3, 2, [result(["Negative"])], created_at="2026-11-28T12:00:00Z", was_cancelled=True),
+            ],
+        ),
     ]
     examples, report = one(tasks)
     assert [(e.task_id, e.labels) for e in examples] == [(2, ("Positive",))]
@@ -116,11 +143,14 @@ def test_cancelled_annotations_are_skipped():
 def test_empty_annotations_are_skipped():
     tasks = [
         text_task(1, [annotation(1, 1, [])]),
-        text_task(2, [
-            annotation(2, 2, [result(["Negative"])], created_at="2026-11-28T10:00:00Z"),
-            annotation(3, 2, [], created_at="2026-11-28T12:00:00Z"),
-            annotation(4, 2, [result([])], created_at="2026-11-28T12:30:00Z"),
-        ]),
+        text_task(
+            2,
+            [
+                annotation(2, 2, [result(["Negative"])], created_at="2026-11-28T10:00:00Z"),
+                annotation(3, 2, [], created_at="2026-11-28T12:00:00Z"),
+                annotation(4, 2, [result([])], created_at="2026-11-28T12:30:00Z"),
+            ],
+        ),
         text_task(3, []),
     ]
     examples, report = one(tasks)
@@ -131,18 +161,33 @@ def test_empty_annotations_are_skipped():
 def test_results_of_other_controls_are_ignored():
     config = (
         '<View><Text name="text" value="$text"/><Text name="title" value="$title"/>'
-        '<Choices name="sentiment" toName="text" choice="single"><Choice value="Positive"/><Choice value="Negative"/></Choices>'
+        '<Choices name="sentiment" toName="text" choice="single">'
+        '<Choice value="Positive"/><Choice value="Negative"/></Choices>'
         '<Choices name="quality" toName="text"><Choice value="Positive"/><Choice value="Bad"/></Choices>'
         '<Choices name="sentiment2" toName="title"><Choice value="Negative"/></Choices></View>'
     )
     spec = parse_label_config(config)
     tasks = [
-        text_task(1, [annotation(1, 1, [
-            result(["Positive"], from_name="quality"),  # same label name, another control
-            result(["Negative"], from_name="sentiment2", to_name="title"),
-            {"from_name": "sentiment", "to_name": "text", "type": "textarea", "value": {"text": ["Negative"]}},
-            result(["Negative"]),
-        ])]),
+        text_task(
+            1,
+            [
+                annotation(
+                    1,
+                    1,
+                    [
+                        result(["Positive"], from_name="quality"),  # same label name, another control
+                        result(["Negative"], from_name="sentiment2", to_name="title"),
+                        {
+                            "from_name": "sentiment",
+                            "to_name": "text",
+                            "type": "textarea",
+                            "value": {"text": ["Negative"]},
+                        },
+                        result(["Negative"]),
+                    ],
+                )
+            ],
+        ),
         text_task(2, [annotation(2, 2, [result(["Positive"], from_name="quality")])]),
         text_task(3, [annotation(3, 3, [result(["Positive"], to_name="title")])]),
     ]
@@ -183,7 +228,10 @@ def test_labels_removed_from_the_config_are_dropped():
 
 
 def test_label_counts_follow_the_config_order_and_include_unused_labels():
-    tasks = [text_task(i, [annotation(i, i, [result([label])])]) for i, label in enumerate(["Neutral", "Negative", "Neutral"])]
+    tasks = [
+        text_task(i, [annotation(i, i, [result([label])])])
+        for i, label in enumerate(["Neutral", "Negative", "Neutral"])
+    ]
     _, report = build_examples(tasks, THREE)
     assert list(report.label_counts.items()) == [("Positive", 0), ("Negative", 1), ("Neutral", 2)]
 
@@ -193,7 +241,10 @@ def test_label_counts_follow_the_config_order_and_include_unused_labels():
 
 @pytest.mark.parametrize("data", [{}, {"text": None}, {"text": 42}, {"text": ["a"]}, {"text": "   "}, {"other": "x"}])
 def test_tasks_without_usable_text_are_skipped_and_counted(data):
-    tasks = [task(1, data, [annotation(1, 1, [result(["Positive"])])]), text_task(2, [annotation(2, 2, [result(["Negative"])])])]
+    tasks = [
+        task(1, data, [annotation(1, 1, [result(["Positive"])])]),
+        text_task(2, [annotation(2, 2, [result(["Negative"])])]),
+    ]
     examples, report = one(tasks)
     assert [e.task_id for e in examples] == [2]
     assert report.skipped == {ds.NO_TEXT: 1}

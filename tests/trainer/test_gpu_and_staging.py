@@ -12,22 +12,30 @@ from tests.trainer.lsexport import SENTIMENT_CONFIG, labelled_export, write_expo
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST", "LABEL_STUDIO_API_KEY", "REQUIRE_CUDA",
-                 "NVIDIA_VISIBLE_DEVICES"):
+    for name in (
+        "LABEL_STUDIO_URL",
+        "LABEL_STUDIO_HOST",
+        "LABEL_STUDIO_API_KEY",
+        "REQUIRE_CUDA",
+        "NVIDIA_VISIBLE_DEVICES",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("env, setting, required", [
-    ({}, None, False),
-    ({"NVIDIA_VISIBLE_DEVICES": "all"}, None, False),  # an image default, not an allocation
-    ({"NVIDIA_VISIBLE_DEVICES": "void"}, None, False),
-    ({"NVIDIA_VISIBLE_DEVICES": "GPU-3b1c2d9e-0000-1111-2222-333344445555"}, None, True),
-    ({"NVIDIA_VISIBLE_DEVICES": "0,1"}, None, True),
-    ({"NVIDIA_VISIBLE_DEVICES": "0"}, False, False),  # turned off
-    ({}, True, True),
-])
+@pytest.mark.parametrize(
+    "env, setting, required",
+    [
+        ({}, None, False),
+        ({"NVIDIA_VISIBLE_DEVICES": "all"}, None, False),  # an image default, not an allocation
+        ({"NVIDIA_VISIBLE_DEVICES": "void"}, None, False),
+        ({"NVIDIA_VISIBLE_DEVICES": "GPU-3b1c2d9e-0000-1111-2222-333344445555"}, None, True),
+        ({"NVIDIA_VISIBLE_DEVICES": "0,1"}, None, True),
+        ({"NVIDIA_VISIBLE_DEVICES": "0"}, False, False),  # turned off
+        ({}, True, True),
+    ],
+)
 def test_when_cuda_is_required(env, setting, required):
     assert cuda_required(setting, env) is required
 

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from lsbert.predictor.engine import Runtime, SequenceClassifier
+from lsbert.model.engine import SequenceClassifier
+from lsbert.model.runtime import Runtime
+from lsbert.model.text import truncation_length
 from lsbert.trainer.dataset import Example
 from lsbert.trainer.loop import (
     Hyperparameters,
-    effective_max_length,
     fine_tune,
     label_targets,
     length_grouped_batches,
@@ -43,8 +44,14 @@ def tiny_model(tmp_path_factory) -> Path:
     minilm = Path(resolve("sentence-transformers/all-MiniLM-L6-v2"))
     path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (minilm / name).exists():
@@ -94,13 +101,20 @@ def test_fine_tune_multi_label_learns_and_reports(tiny_model):
     examples = []
     for i in range(96):
         labels = tuple(sorted(rng.sample(TOPICS, rng.choice([1, 2]))))
-        examples.append(Example(" ".join(words[l] for l in labels) + f" item {i}", labels, i))
+        examples.append(Example(" ".join(words[label] for label in labels) + f" item {i}", labels, i))
     model, tokenizer = load_for_training(tiny_model, TOPICS, multi_label=True, seed=0)
     assert model.config.problem_type == "multi_label_classification" and model.config.id2label[2] == "tech"
     lines = []
     # A random tiny model must learn its word embeddings too (lsbert freezes pretrained ones by default).
-    hp = Hyperparameters(learning_rate=3e-3, num_train_epochs=14.5, weight_decay=0.01, batch_size=8,
-                         max_length=512, seed=0, train_embeddings=True)
+    hp = Hyperparameters(
+        learning_rate=3e-3,
+        num_train_epochs=14.5,
+        weight_decay=0.01,
+        batch_size=8,
+        max_length=512,
+        seed=0,
+        train_embeddings=True,
+    )
     result = fine_tune(model, tokenizer, examples, TOPICS, True, hp, CPU, progress=lines.append)
     assert result.steps == 174 and result.samples == 1392  # 14.5 epochs of 12 steps
     assert result.max_length == 128  # capped by the model's position embeddings
@@ -116,18 +130,36 @@ def test_input_embeddings_are_frozen_unless_asked(tiny_model, train_embeddings):
     model, tokenizer = load_for_training(tiny_model, ("a", "b"), multi_label=False)
     words = model.get_input_embeddings().weight.detach().clone()
     positions = model.bert.embeddings.position_embeddings.weight.detach().clone()
-    hp = Hyperparameters(learning_rate=1e-2, num_train_epochs=1, weight_decay=0.0, batch_size=4, max_length=32,
-                         seed=0, train_embeddings=train_embeddings)
-    fine_tune(model, tokenizer, [Example(f"text {i}", ("ab"[i % 2],)) for i in range(8)], ("a", "b"), False, hp, CPU,
-              progress=lambda _: None)
+    hp = Hyperparameters(
+        learning_rate=1e-2,
+        num_train_epochs=1,
+        weight_decay=0.0,
+        batch_size=4,
+        max_length=32,
+        seed=0,
+        train_embeddings=train_embeddings,
+    )
+    fine_tune(
+        model,
+        tokenizer,
+        [Example(f"text {i}", ("ab"[i % 2],)) for i in range(8)],
+        ("a", "b"),
+        False,
+        hp,
+        CPU,
+        progress=lambda _: None,
+    )
     assert torch.equal(model.get_input_embeddings().weight, words) is not train_embeddings
     assert not torch.equal(model.bert.embeddings.position_embeddings.weight, positions)
 
 
-def test_effective_max_length(tiny_model):
+def test_truncation_length_is_one_rule_for_training_and_serving(tiny_model):
     model, tokenizer = load_for_training(tiny_model, ("a", "b"), multi_label=False)
-    assert effective_max_length(tokenizer, model.config, 64) == 64
-    assert effective_max_length(tokenizer, model.config, 4096) == 128
+    assert truncation_length(tokenizer, model.config, 64) == 64
+    assert truncation_length(tokenizer, model.config, 4096) == 128
+    assert truncation_length(tokenizer, model.config) == 128  # 0 (serving's default): the model's maximum
+    roberta = type("Config", (), {"max_position_embeddings": 514, "model_type": "camembert"})()
+    assert truncation_length(None, roberta) == 512  # position ids start after the padding index
 
 
 def test_multi_label_lsbert_train_run(tiny_model, tmp_path):
@@ -140,16 +172,36 @@ def test_multi_label_lsbert_train_run(tiny_model, tmp_path):
     tasks = []
     for i in range(1, 61):
         labels = sorted(rng.sample(TOPICS, rng.choice([1, 2])))
-        text = " ".join(words[l] for l in labels)
+        text = " ".join(words[label] for label in labels)
         tasks.append(task(i, {"text": text}, [annotation(i, i, [result(labels, from_name="topics")])]))
     export = write_export(tmp_path / "export.json", tasks)
     config = choices_config(TOPICS, name="topics", multiple=True)
     out = io.StringIO()
     threads = torch.get_num_threads()
     with contextlib.redirect_stdout(out):
-        rc = main(["--project", "4", "--export-file", str(export), "--label-config", config,
-                   "--model-dir", str(tmp_path / "models"), "--baseline-model", str(tiny_model),
-                   "--epochs", "20", "--lr", "3e-3", "--batch-size", "8", "--threads", "1", "--train-embeddings"])
+        rc = main(
+            [
+                "--project",
+                "4",
+                "--export-file",
+                str(export),
+                "--label-config",
+                config,
+                "--model-dir",
+                str(tmp_path / "models"),
+                "--baseline-model",
+                str(tiny_model),
+                "--epochs",
+                "20",
+                "--lr",
+                "3e-3",
+                "--batch-size",
+                "8",
+                "--threads",
+                "1",
+                "--train-embeddings",
+            ]
+        )
     torch.set_num_threads(threads)
     assert rc == 0, out.getvalue()
     store = open_store(str(tmp_path / "models"))

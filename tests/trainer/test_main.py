@@ -17,8 +17,17 @@ BASE = "sentence-transformers/all-MiniLM-L6-v2"
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST", "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN",
-                 "LEARNING_RATE", "NUM_TRAIN_EPOCHS", "TRAIN_BATCH_SIZE", "MODEL_DIR", "BASELINE_MODEL_NAME"):
+    for name in (
+        "LABEL_STUDIO_URL",
+        "LABEL_STUDIO_HOST",
+        "LABEL_STUDIO_API_KEY",
+        "LABEL_STUDIO_ACCESS_TOKEN",
+        "LEARNING_RATE",
+        "NUM_TRAIN_EPOCHS",
+        "TRAIN_BATCH_SIZE",
+        "MODEL_DIR",
+        "BASELINE_MODEL_NAME",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
 
@@ -29,9 +38,29 @@ def clean_env(monkeypatch, tmp_path):
 def test_overrides_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("LEARNING_RATE", "3e-5")
     monkeypatch.setenv("NUM_TRAIN_EPOCHS", "4")
-    args = build_parser().parse_args(["--project", "7", "--lr", "1e-4", "--batch-size", "8", "--epochs", "0.5",
-                                      "--model-dir", "/x", "--baseline-model", BASE, "--max-length", "64",
-                                      "--seed", "3", "--weight-decay", "0.1", "--no-promote"])
+    args = build_parser().parse_args(
+        [
+            "--project",
+            "7",
+            "--lr",
+            "1e-4",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "0.5",
+            "--model-dir",
+            "/x",
+            "--baseline-model",
+            BASE,
+            "--max-length",
+            "64",
+            "--seed",
+            "3",
+            "--weight-decay",
+            "0.1",
+            "--no-promote",
+        ]
+    )
     settings = settings_for(args)
     assert (settings.learning_rate, settings.num_train_epochs, settings.train_batch_size) == (1e-4, 0.5, 8)
     assert (settings.model_dir, settings.baseline_model_name, settings.train_max_length) == ("/x", BASE, 64)
@@ -210,8 +239,21 @@ def test_an_existing_version_is_refused(tmp_path, capsys):
     (source / "config.json").write_text("{}")
     store.save(1, version, source, {"labels": ["Positive", "Negative"]})
     export = write_export(tmp_path / "e.json", labelled_export([("good", "Positive")]))
-    assert main(["--project", "1", "--version", version, "--export-file", str(export),
-                 "--label-config", choices_config(["Positive", "Negative"])]) == 1
+    assert (
+        main(
+            [
+                "--project",
+                "1",
+                "--version",
+                version,
+                "--export-file",
+                str(export),
+                "--label-config",
+                choices_config(["Positive", "Negative"]),
+            ]
+        )
+        == 1
+    )
     assert "already exists" in capsys.readouterr().err
 
 
@@ -219,7 +261,7 @@ def test_an_existing_version_is_refused(tmp_path, capsys):
 
 
 def test_promotion_record_applies_the_gate():
-    from lsbert.trainer.main import promotion_record
+    from lsbert.trainer.evaluation import promotion_record
     from lsbert.trainer.promotion import decide
 
     serving = {"kind": "finetuned", "version": "m-0001"}

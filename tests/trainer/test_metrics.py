@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from lsbert.trainer.metrics import classification_metrics, multi_label_metrics, predicted_labels, single_label_metrics
+from lsbert.model.decision import predicted_labels
+from lsbert.trainer.metrics import classification_metrics, multi_label_metrics, single_label_metrics
 
 
 def test_single_label_by_hand():
@@ -61,11 +62,12 @@ def test_multi_label_by_hand():
 def test_predicted_labels_from_probabilities():
     proba = np.array([[0.2, 0.7, 0.1], [0.5, 0.49, 0.6], [0.1, 0.2, 0.3]], dtype=np.float32)
     labels = ["a", "b", "c"]
-    assert predicted_labels(proba, labels, multi_label=False) == [("b",), ("c",), ("c",)]
-    assert predicted_labels(proba, labels, multi_label=True) == [("b",), ("a", "c"), ()]
-    assert predicted_labels(np.zeros((0, 3)), labels, multi_label=False) == []
+    assert predicted_labels(proba, labels, False, 0.5) == [("b",), ("c",), ("c",)]
+    assert predicted_labels(proba, labels, True, 0.5) == [("b",), ("a", "c"), ()]
+    assert predicted_labels(proba, labels, True, 0.3) == [("b",), ("a", "b", "c"), ("c",)]
+    assert predicted_labels(np.zeros((0, 3)), labels, False, 0.5) == []
     with pytest.raises(ValueError):
-        predicted_labels(proba, ["a", "b"], multi_label=False)
+        predicted_labels(proba, ["a", "b"], False, 0.5)
 
 
 def test_classification_metrics_dispatches_on_label_tuples():

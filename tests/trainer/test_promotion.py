@@ -36,7 +36,11 @@ def test_float_noise_does_not_block_an_equal_score():
 
 def test_decision_as_dict():
     assert decide(0.5, 0.4, 0.1, 3).as_dict() == {
-        "promoted": True, "reason": decide(0.5, 0.4, 0.1, 3).reason, "score": 0.5, "serving_score": 0.4, "margin": 0.1,
+        "promoted": True,
+        "reason": decide(0.5, 0.4, 0.1, 3).reason,
+        "score": 0.5,
+        "serving_score": 0.4,
+        "margin": 0.1,
     }
 
 
@@ -51,8 +55,8 @@ def test_predictions_for_each_kind_of_head():
     labels = ["a", "b", "c"]
     proba = np.array([[0.6, 0.7, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)
     # softmax head or single-label config: argmax of the known labels; nothing known -> no prediction
-    assert predictions_for(proba, labels, multi_label=False, model_multi_label=False) == [("b",), ()]
-    assert predictions_for(proba, labels, multi_label=False, model_multi_label=True) == [("b",), ()]
-    assert predictions_for(proba, labels, multi_label=True, model_multi_label=False) == [("b",), ()]
-    # sigmoid head for a multi-label config: threshold
-    assert predictions_for(proba, labels, multi_label=True, model_multi_label=True) == [("a", "b"), ()]
+    for multi_label, model_multi_label in ((False, False), (False, True), (True, False)):
+        assert predictions_for(proba, labels, multi_label, model_multi_label, threshold=0.5) == [("b",), ()]
+    # sigmoid head for a multi-label config: the serving threshold (MULTI_LABEL_THRESHOLD), not a fixed 0.5
+    assert predictions_for(proba, labels, multi_label=True, model_multi_label=True, threshold=0.5) == [("a", "b"), ()]
+    assert predictions_for(proba, labels, multi_label=True, model_multi_label=True, threshold=0.65) == [("b",), ()]

@@ -50,9 +50,18 @@ def workspace(tmp_path_factory, data):
         "root": root,
         "export": write_export(root / "export.json", export),
         "models": root / "models",
-        "args": ["--project", str(PROJECT), "--export-file", str(root / "export.json"),
-                 "--label-config", f"@{root / 'config.xml'}", "--model-dir", str(root / "models"),
-                 "--baseline-model", MINILM],
+        "args": [
+            "--project",
+            str(PROJECT),
+            "--export-file",
+            str(root / "export.json"),
+            "--label-config",
+            f"@{root / 'config.xml'}",
+            "--model-dir",
+            str(root / "models"),
+            "--baseline-model",
+            MINILM,
+        ],
     }
 
 
@@ -80,7 +89,13 @@ def first_run(workspace):
     assert rc == 0, f"lsbert train failed:\n{out}\n{err}"
     store = open_store(str(workspace["models"]))
     (info,) = store.versions(PROJECT)
-    return {"out": out, "err": err, "store": store, "version": info.version, "meta": store.metadata(PROJECT, info.version)}
+    return {
+        "out": out,
+        "err": err,
+        "store": store,
+        "version": info.version,
+        "meta": store.metadata(PROJECT, info.version),
+    }
 
 
 def test_a_version_is_saved_with_its_metadata(first_run):
@@ -91,7 +106,12 @@ def test_a_version_is_saved_with_its_metadata(first_run):
     assert meta["base_model"] == MINILM and meta["parent_version"] is None
     hp = meta["hyperparameters"]
     assert (hp["learning_rate"], hp["num_train_epochs"], hp["batch_size"], hp["max_length"], hp["seed"]) == (
-        2e-4, 3, 16, 128, 42)
+        2e-4,
+        3,
+        16,
+        128,
+        42,
+    )
     assert hp["weight_decay"] == 0.01 and hp["precision"] in ("bf16", "fp32") and hp["steps"] > 0
     d = meta["data"]
     assert (d["tasks"], d["examples"]) == (N_EXPORT, N_EXPORT - 2)
@@ -118,13 +138,15 @@ def test_the_promotion_decision_is_recorded_and_applied(first_run):
 
 
 def test_the_model_learned_above_chance_on_held_out_data(first_run, data):
-    from lsbert.predictor.engine import Runtime, SequenceClassifier
-
     import torch
 
+    from lsbert.model.engine import SequenceClassifier
+    from lsbert.model.runtime import Runtime
+
     assert first_run["meta"]["metrics"]["accuracy"] > 0.5
-    classifier = SequenceClassifier(first_run["store"].local_path(PROJECT, first_run["version"]),
-                                    Runtime(torch.device("cpu"), None))
+    classifier = SequenceClassifier(
+        first_run["store"].local_path(PROJECT, first_run["version"]), Runtime(torch.device("cpu"), None)
+    )
     assert classifier.labels == LABELS and classifier.multi_label is False
     held_out = data[1]
     proba = classifier.predict_proba([text for text, _ in held_out])

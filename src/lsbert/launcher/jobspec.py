@@ -97,8 +97,18 @@ def label_selector(labels: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------------------ JOB_VALUES
 
 
-_MAPS = ("resources", "nodeSelector", "affinity", "podLabels", "podAnnotations", "securityContext",
-         "podSecurityContext", "jobLabels", "jobAnnotations", "podFailurePolicy")
+_MAPS = (
+    "resources",
+    "nodeSelector",
+    "affinity",
+    "podLabels",
+    "podAnnotations",
+    "securityContext",
+    "podSecurityContext",
+    "jobLabels",
+    "jobAnnotations",
+    "podFailurePolicy",
+)
 _LISTS = ("imagePullSecrets", "tolerations", "env", "envFrom", "volumes", "volumeMounts")
 _INTS = {"backoffLimit": 0, "activeDeadlineSeconds": 1, "ttlSecondsAfterFinished": 0}  # key -> minimum
 _STRS = ("image", "imagePullPolicy", "serviceAccountName", "priorityClassName")
@@ -194,7 +204,8 @@ def load_job_values(path: Optional[str]) -> dict[str, Any]:
     if not path:
         raise SettingsError(
             "TRAINING_LAUNCHER=kubernetes needs JOB_VALUES: a YAML file with at least `image` "
-            "(the Helm chart mounts it from a ConfigMap; see jobs/README.md)")
+            "(the Helm chart mounts it from a ConfigMap; see jobs/README.md)"
+        )
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
@@ -232,7 +243,6 @@ def parse_template(text: str, source: str) -> dict[str, Any]:
     return doc
 
 
-
 # ------------------------------------------------------------------------------------------ rendering
 
 
@@ -246,8 +256,10 @@ def _substitute(node: Any, params: dict[str, str], where: str = "") -> Any:
         try:
             return string.Template(node).substitute(params)
         except KeyError as exc:
-            raise LaunchError(f"Job template: unknown placeholder ${{{exc.args[0]}}} at {where.lstrip('.')}; "
-                              f"known: {', '.join(sorted(params))}") from None
+            raise LaunchError(
+                f"Job template: unknown placeholder ${{{exc.args[0]}}} at {where.lstrip('.')}; "
+                f"known: {', '.join(sorted(params))}"
+            ) from None
         except ValueError as exc:
             raise LaunchError(f"Job template: bad placeholder at {where.lstrip('.')}: {exc}") from None
     return node
@@ -266,15 +278,31 @@ def owner_reference(kind: str, name: str, uid: str, api_version: str = "v1") -> 
     return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
 
 
-def render_job(template: dict[str, Any], values: dict[str, Any], *, release: str, namespace: str, project: int,
-               version: str, args: Iterable[str] = (), owner: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def render_job(
+    template: dict[str, Any],
+    values: dict[str, Any],
+    *,
+    release: str,
+    namespace: str,
+    project: int,
+    version: str,
+    args: Iterable[str] = (),
+    owner: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
     """The Job body (a plain dict, camelCase like the YAML) for one run.
 
     Labels, lowest precedence first: the template's, JOB_VALUES jobLabels (Job) / podLabels (pod), then the
     selection labels, which always win. ``owner``: an ownerReference (see ``owner_reference``)."""
     name = job_name(release, project, version)
-    params = {"name": name, "namespace": namespace, "release": release, "project": str(int(project)),
-              "version": version, "versionLabel": label_value(version), "image": values["image"]}
+    params = {
+        "name": name,
+        "namespace": namespace,
+        "release": release,
+        "project": str(int(project)),
+        "version": version,
+        "versionLabel": label_value(version),
+        "image": values["image"],
+    }
     job = _substitute(copy.deepcopy(template), params)
     labels = {**selection_labels(release, project), LABEL_VERSION: label_value(version)}
 
@@ -282,8 +310,11 @@ def render_job(template: dict[str, Any], values: dict[str, Any], *, release: str
     job["metadata"] = meta
     meta["name"], meta["namespace"] = name, namespace
     meta["labels"] = {**(meta.get("labels") or {}), **values.get("jobLabels", {}), **labels}
-    meta["annotations"] = {**(meta.get("annotations") or {}), **values.get("jobAnnotations", {}),
-                           ANNOTATION_VERSION: version}
+    meta["annotations"] = {
+        **(meta.get("annotations") or {}),
+        **values.get("jobAnnotations", {}),
+        ANNOTATION_VERSION: version,
+    }
     if owner is not None:
         meta["ownerReferences"] = [owner]
 
@@ -302,8 +333,11 @@ def render_job(template: dict[str, Any], values: dict[str, Any], *, release: str
     pod_meta = pod_template.get("metadata") or {}
     pod_template["metadata"] = pod_meta
     pod_meta["labels"] = {**(pod_meta.get("labels") or {}), **values.get("podLabels", {}), **labels}
-    pod_meta["annotations"] = {**(pod_meta.get("annotations") or {}), **values.get("podAnnotations", {}),
-                               ANNOTATION_VERSION: version}
+    pod_meta["annotations"] = {
+        **(pod_meta.get("annotations") or {}),
+        **values.get("podAnnotations", {}),
+        ANNOTATION_VERSION: version,
+    }
 
     pod = pod_template.setdefault("spec", {})
     pod["restartPolicy"] = "Never"
@@ -386,8 +420,10 @@ def to_v1_job(body: dict[str, Any]):
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        raise LaunchError(f"invalid training Job: {where}: {first.get('msg')} "
-                          f"(got {first.get('input')!r}; {exc.error_count()} error(s))") from None
+        raise LaunchError(
+            f"invalid training Job: {where}: {first.get('msg')} "
+            f"(got {first.get('input')!r}; {exc.error_count()} error(s))"
+        ) from None
     dropped = _dropped_fields(body, _serializer().sanitize_for_serialization(job))
     if dropped:
         raise LaunchError(f"invalid training Job: unknown field(s) {', '.join(dropped[:10])}")
@@ -455,4 +491,3 @@ def last_line(text: Optional[str]) -> str:
     """The last non-empty line of ``text``, at most 500 characters."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""
-

@@ -27,6 +27,7 @@ from lsbert.kubeclient import REQUEST_TIMEOUT, api_message, load_api_client, res
 from lsbert.launcher.base import Launcher, LaunchError, Run, RunPhase
 from lsbert.launcher.jobspec import (
     CONTAINER,
+    active_jobs,
     condition,
     job_finished,
     job_name,
@@ -38,7 +39,6 @@ from lsbert.launcher.jobspec import (
     load_job_values,
     load_template,
     owner_reference,
-    active_jobs,
     parse_job_values,
     render_job,
     selection_labels,
@@ -65,9 +65,18 @@ class KubernetesLaunchError(LaunchError):
 
 
 class KubernetesLauncher(Launcher):
-    def __init__(self, api_client, namespace: str, *, values: dict[str, Any], template: Optional[dict] = None,
-                 release: str = "lsbert", owns_client: bool = False, pending_timeout: float = 0.0,
-                 owner_configmap: Optional[str] = None):
+    def __init__(
+        self,
+        api_client,
+        namespace: str,
+        *,
+        values: dict[str, Any],
+        template: Optional[dict] = None,
+        release: str = "lsbert",
+        owns_client: bool = False,
+        pending_timeout: float = 0.0,
+        owner_configmap: Optional[str] = None,
+    ):
         from kubernetes import client
 
         if not valid_label_value(release):
@@ -86,7 +95,7 @@ class KubernetesLauncher(Launcher):
         to_v1_job(self.render(0, "check-0001", []))  # a bad template or values file fails at start
 
     @classmethod
-    def from_environment(cls, settings) -> "KubernetesLauncher":
+    def from_environment(cls, settings) -> KubernetesLauncher:
         """In-cluster ServiceAccount (else KUBECONFIG); namespace POD_NAMESPACE; JOB_TEMPLATE, JOB_VALUES,
         RELEASE_NAME from the settings. Configuration errors stop the process with a message."""
         values = load_job_values(settings.job_values)
@@ -94,20 +103,40 @@ class KubernetesLauncher(Launcher):
         api_client = load_api_client()
         namespace = resolve_namespace(settings.pod_namespace)
         try:
-            launcher = cls(api_client, namespace, values=values, template=template, release=settings.release_name,
-                           owns_client=True, pending_timeout=settings.training_pending_timeout,
-                           owner_configmap=settings.job_owner_configmap)
+            launcher = cls(
+                api_client,
+                namespace,
+                values=values,
+                template=template,
+                release=settings.release_name,
+                owns_client=True,
+                pending_timeout=settings.training_pending_timeout,
+                owner_configmap=settings.job_owner_configmap,
+            )
         except LaunchError as exc:
             raise SettingsError(f"JOB_TEMPLATE/JOB_VALUES: {exc}") from None
-        log.info("training runs are Kubernetes Jobs in namespace %s (release %s, image %s)", namespace,
-                 settings.release_name, values["image"])
+        log.info(
+            "training runs are Kubernetes Jobs in namespace %s (release %s, image %s)",
+            namespace,
+            settings.release_name,
+            values["image"],
+        )
         return launcher
 
     # --- rendering ---------------------------------------------------------------------------------
-    def render(self, project: int, version: str, args: Iterable[str] = (),
-               owner: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        return render_job(self.template, self.values, release=self.release, namespace=self.namespace,
-                          project=project, version=version, args=args, owner=owner)
+    def render(
+        self, project: int, version: str, args: Iterable[str] = (), owner: Optional[dict[str, Any]] = None
+    ) -> dict[str, Any]:
+        return render_job(
+            self.template,
+            self.values,
+            release=self.release,
+            namespace=self.namespace,
+            project=project,
+            version=version,
+            args=args,
+            owner=owner,
+        )
 
     def owner(self) -> Optional[dict[str, Any]]:
         """The ownerReference of new Jobs: the JOB_OWNER_CONFIGMAP ConfigMap (the chart's job-values), so that
@@ -116,13 +145,22 @@ class KubernetesLauncher(Launcher):
         if self.owner_configmap is None or self._owner is not None:
             return self._owner
         try:
-            cm = self._core.read_namespaced_config_map(self.owner_configmap, self.namespace,
-                                                       _request_timeout=REQUEST_TIMEOUT)
+            cm = self._core.read_namespaced_config_map(
+                self.owner_configmap, self.namespace, _request_timeout=REQUEST_TIMEOUT
+            )
         except Exception as exc:
-            log.warning("cannot read ConfigMap %s/%s, the owner of training Jobs (%s): this Job will survive "
-                        "the predictor's uninstall", self.namespace, self.owner_configmap, api_message(exc))
+            log.warning(
+                "cannot read ConfigMap %s/%s, the owner of training Jobs (%s): this Job will survive "
+                "the predictor's uninstall",
+                self.namespace,
+                self.owner_configmap,
+                api_message(exc),
+            )
             return None
-        self._owner = owner_reference("ConfigMap", cm.metadata.name, cm.metadata.uid)
+        meta = cm.metadata
+        if meta is None or not meta.name or not meta.uid:  # an API server always sets both
+            return None
+        self._owner = owner_reference("ConfigMap", meta.name, meta.uid)
         return self._owner
 
     def job_name(self, project: int, version: str) -> str:
@@ -131,9 +169,14 @@ class KubernetesLauncher(Launcher):
     def dry_run(self, project: int, version: str, args: Iterable[str] = ()):
         """Server-side validation (admission, defaulting, strict fields) of the Job without creating it."""
         try:
-            return self._batch.create_namespaced_job(self.namespace, to_v1_job(self.render(project, version, args)),
-                                                     dry_run="All", field_validation="Strict",
-                                                     field_manager=FIELD_MANAGER, _request_timeout=REQUEST_TIMEOUT)
+            return self._batch.create_namespaced_job(
+                self.namespace,
+                to_v1_job(self.render(project, version, args)),
+                dry_run="All",
+                field_validation="Strict",
+                field_manager=FIELD_MANAGER,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
         except Exception as exc:
             raise self._error("validate", exc) from None
 
@@ -144,16 +187,20 @@ class KubernetesLauncher(Launcher):
         status = exc.status if isinstance(exc, ApiException) else None
         hint = ""
         if status == 403:
-            hint = (f" (the predictor's ServiceAccount lacks a permission in namespace {self.namespace}; "
-                    "see jobs/README.md for the Role it needs)")
+            hint = (
+                f" (the predictor's ServiceAccount lacks a permission in namespace {self.namespace}; "
+                "see jobs/README.md for the Role it needs)"
+            )
         return KubernetesLaunchError(f"cannot {what} training Jobs: {api_message(exc)}{hint}", status)
 
     def list_jobs(self, project: Optional[int] = None) -> list:
         """The release's training Jobs (of one project), as the API server has them now."""
         try:
             return self._batch.list_namespaced_job(
-                self.namespace, label_selector=label_selector(selection_labels(self.release, project)),
-                _request_timeout=REQUEST_TIMEOUT).items
+                self.namespace,
+                label_selector=label_selector(selection_labels(self.release, project)),
+                _request_timeout=REQUEST_TIMEOUT,
+            ).items
         except Exception as exc:
             raise self._error("list", exc) from None
 
@@ -164,8 +211,9 @@ class KubernetesLauncher(Launcher):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self._batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background",
-                                              _request_timeout=REQUEST_TIMEOUT)
+            self._batch.delete_namespaced_job(
+                name, self.namespace, propagation_policy="Background", _request_timeout=REQUEST_TIMEOUT
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise self._error("delete", exc) from None
@@ -191,16 +239,25 @@ class KubernetesLauncher(Launcher):
     def launch(self, project: int, version: str, args: list[str]) -> Run:
         active = active_jobs(self.list_jobs(project))
         if active:  # another replica (or an earlier life of this one) already trains this project
-            log.info("project %s: Job %s is already active; adopting it instead of launching %s", project,
-                     active[0].metadata.name, version)
+            log.info(
+                "project %s: Job %s is already active; adopting it instead of launching %s",
+                project,
+                active[0].metadata.name,
+                version,
+            )
             return self._adopt(active[0])
         from kubernetes.client.exceptions import ApiException
 
         body = to_v1_job(self.render(project, version, args, owner=self.owner()))
         name = body.metadata.name
         try:
-            job = self._batch.create_namespaced_job(self.namespace, body, field_validation="Strict",
-                                                    field_manager=FIELD_MANAGER, _request_timeout=REQUEST_TIMEOUT)
+            job = self._batch.create_namespaced_job(
+                self.namespace,
+                body,
+                field_validation="Strict",
+                field_manager=FIELD_MANAGER,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
         except ApiException as exc:
             if exc.status != 409:
                 raise self._error("create", exc) from None
@@ -211,7 +268,9 @@ class KubernetesLauncher(Launcher):
             if job_project(job) != project or job_version(job) != version:
                 raise KubernetesLaunchError(
                     f"a Job named {name} already exists for project {job_project(job)} version "
-                    f"{job_version(job)!r}, not for project {project} version {version!r}", 409) from None
+                    f"{job_version(job)!r}, not for project {project} version {version!r}",
+                    409,
+                ) from None
             log.info("project %s: Job %s already exists; adopting it", project, name)
             return self._adopt(job)
         except Exception as exc:
@@ -240,8 +299,14 @@ class KubernetesLauncher(Launcher):
         if not any(j.metadata.name == run.run_id for j in active):
             return False  # ours has finished or is gone: nothing to resolve
         winner = active[0]
-        log.warning("project %s: Jobs %s and %s raced; keeping the older %s and deleting %s", run.project,
-                    winner.metadata.name, run.run_id, winner.metadata.name, run.run_id)
+        log.warning(
+            "project %s: Jobs %s and %s raced; keeping the older %s and deleting %s",
+            run.project,
+            winner.metadata.name,
+            run.run_id,
+            winner.metadata.name,
+            run.run_id,
+        )
         self._delete(run.run_id)
         self._become(run, winner)
         return True
@@ -267,8 +332,12 @@ class KubernetesLauncher(Launcher):
                     raise self._error("read", exc) from None
                 active = active_jobs(jobs)
                 if active:  # ours lost a race (another replica deleted it): follow the Job that won
-                    log.warning("project %s: Job %s is gone; following the active Job %s", run.project, run.run_id,
-                                active[0].metadata.name)
+                    log.warning(
+                        "project %s: Job %s is gone; following the active Job %s",
+                        run.project,
+                        run.run_id,
+                        active[0].metadata.name,
+                    )
                     self._become(run, active[0])
                     return run
                 run.phase, run.finished_at = RunPhase.FAILED, time.time()
@@ -308,8 +377,11 @@ class KubernetesLauncher(Launcher):
         if status is not None and status.start_time is not None:
             run.started_at = timestamp(status.start_time)
         if phase is RunPhase.SUCCEEDED:
-            run.finished_at = timestamp(status.completion_time) or timestamp(condition(job, "Complete").last_transition_time) \
+            run.finished_at = (
+                timestamp(status.completion_time)
+                or timestamp(condition(job, "Complete").last_transition_time)
                 or time.time()
+            )
             run.message = ""
         elif phase is RunPhase.FAILED:
             cond = condition(job, "Failed")
@@ -318,8 +390,13 @@ class KubernetesLauncher(Launcher):
         elif phase is RunPhase.PENDING:
             run.message = self._pending_message(job)
             if self._pending_too_long(job):
-                log.error("project %s: Job %s did not start within %ss (%s); deleting it", run.project,
-                          job.metadata.name, int(self.pending_timeout), run.message or "no reason given")
+                log.error(
+                    "project %s: Job %s did not start within %ss (%s); deleting it",
+                    run.project,
+                    job.metadata.name,
+                    int(self.pending_timeout),
+                    run.message or "no reason given",
+                )
                 try:
                     self._delete(job.metadata.name)
                 except Exception as exc:  # the run is failed either way; a later poll finds no active Job
@@ -332,8 +409,9 @@ class KubernetesLauncher(Launcher):
     def _pods(self, job_name_: str) -> list:
         for label in JOB_NAME_POD_LABELS:
             try:
-                pods = self._core.list_namespaced_pod(self.namespace, label_selector=f"{label}={job_name_}",
-                                                      _request_timeout=REQUEST_TIMEOUT).items
+                pods = self._core.list_namespaced_pod(
+                    self.namespace, label_selector=f"{label}={job_name_}", _request_timeout=REQUEST_TIMEOUT
+                ).items
             except Exception as exc:
                 log.debug("cannot list the pods of Job %s: %s", job_name_, exc)
                 return []
@@ -362,8 +440,9 @@ class KubernetesLauncher(Launcher):
 
     def _last_log_line(self, pod_name: str) -> str:
         try:
-            text = self._core.read_namespaced_pod_log(pod_name, self.namespace, container=CONTAINER, tail_lines=20,
-                                                      _request_timeout=REQUEST_TIMEOUT)
+            text = self._core.read_namespaced_pod_log(
+                pod_name, self.namespace, container=CONTAINER, tail_lines=20, _request_timeout=REQUEST_TIMEOUT
+            )
         except Exception as exc:  # no pods/log permission, pod gone, node unreachable: the rest still helps
             log.debug("cannot read the log of pod %s: %s", pod_name, exc)
             return ""
@@ -382,8 +461,10 @@ class KubernetesLauncher(Launcher):
         """Events about one object; [] without the events permission (the reason is then less precise)."""
         try:
             return self._core.list_namespaced_event(
-                self.namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}",
-                _request_timeout=REQUEST_TIMEOUT).items
+                self.namespace,
+                field_selector=f"involvedObject.kind={kind},involvedObject.name={name}",
+                _request_timeout=REQUEST_TIMEOUT,
+            ).items
         except Exception as exc:
             log.debug("cannot list the events of %s %s: %s", kind, name, exc)
             return []
@@ -394,7 +475,7 @@ class KubernetesLauncher(Launcher):
         if not self.pending_timeout or (job.spec is not None and job.spec.suspend):
             return False
         status = job.status
-        since = (timestamp(status.start_time) if status is not None else None) \
-            or timestamp(job.metadata.creation_timestamp)
+        since = (timestamp(status.start_time) if status is not None else None) or timestamp(
+            job.metadata.creation_timestamp
+        )
         return since is not None and (now or time.time()) - since > self.pending_timeout
-

@@ -14,6 +14,7 @@ stays Pending with only conditions and events to say why. This module turns them
 ``MultiAttach``     the volume is attached to another node (a ReadWriteOnce claim used on two nodes)
 ``FailedAttachVolume`` / ``FailedMount``  the volume cannot be attached or mounted (NFS permissions, ...)
 ``ErrImagePull`` / ``ImagePullBackOff`` / ``InvalidImageName``  the trainer image cannot be pulled
+``ErrImageNeverPull`` the image is not on the node and imagePullPolicy is Never (air-gapped clusters)
 ``CreateContainerConfigError`` / ``CreateContainerError``  a missing Secret or ConfigMap key, ...
 ``PendingTimeout``  the launcher gave up after TRAINING_PENDING_TIMEOUT seconds (the last reason follows)
 =================== =====================================================================================
@@ -33,8 +34,16 @@ MULTI_ATTACH = "MultiAttach"
 FAILED_ATTACH = "FailedAttachVolume"
 FAILED_MOUNT = "FailedMount"
 PENDING_TIMEOUT = "PendingTimeout"
-WAITING_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
-                   "CreateContainerError", "RunContainerError")
+WAITING_REASONS = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "ImageInspectError",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+)
 MESSAGE_LIMIT = 600
 
 
@@ -48,9 +57,13 @@ def _line(reason: str, message: Optional[str]) -> str:
 
 
 def _when(event) -> float:
-    return (timestamp(getattr(event, "last_timestamp", None)) or timestamp(getattr(event, "event_time", None))
-            or timestamp(getattr(event, "first_timestamp", None))
-            or timestamp(getattr(getattr(event, "metadata", None), "creation_timestamp", None)) or 0.0)
+    return (
+        timestamp(getattr(event, "last_timestamp", None))
+        or timestamp(getattr(event, "event_time", None))
+        or timestamp(getattr(event, "first_timestamp", None))
+        or timestamp(getattr(getattr(event, "metadata", None), "creation_timestamp", None))
+        or 0.0
+    )
 
 
 def latest_warning(events: Iterable[Any], *reasons: str) -> Optional[Any]:

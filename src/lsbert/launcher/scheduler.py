@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
+from lsbert import metrics
 from lsbert.launcher.base import Launcher, LaunchError, Run, RunPhase
-from lsbert.predictor import metrics
 from lsbert.store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ProjectTraining:
     last: Optional[Run] = None
     follow_up: bool = False
     runs_started: int = 0
+    waiting: bool = False  # queued for a free slot under the global limit of concurrent runs
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def as_dict(self) -> dict[str, Any]:
@@ -53,13 +55,27 @@ class ProjectTraining:
             "last": self.last.as_dict() if self.last else None,
             "follow_up_pending": self.follow_up,
             "runs_started": self.runs_started,
+            "waiting_for_slot": self.waiting,
         }
 
 
 class TrainingScheduler:
-    def __init__(self, launcher: Launcher, store: CheckpointStore, *, every_n_updates: int, version_name: str,
-                 train_args: Optional[list[str]] = None, poll_seconds: float = 2.0,
-                 on_finished: Optional[Callable[[int, Run], Awaitable[None]]] = None):
+    def __init__(
+        self,
+        launcher: Launcher,
+        store: CheckpointStore,
+        *,
+        every_n_updates: int,
+        version_name: str,
+        train_args: Optional[list[str]] = None,
+        poll_seconds: float = 2.0,
+        on_finished: Optional[Callable[[int, Run], Awaitable[object]]] = None,
+        max_concurrent: int = 0,
+        refuse: Optional[str] = None,
+    ):
+        """``max_concurrent``: runs at once across all projects (0 = no limit); the others wait in arrival
+        order, one pending request per project. ``refuse``: why no run can succeed here (every request is
+        refused at once with this reason, which /health shows)."""
         self.launcher = launcher
         self.store = store
         self.every_n_updates = every_n_updates
@@ -70,6 +86,10 @@ class TrainingScheduler:
         self._projects: dict[int, ProjectTraining] = {}
         self._watch_task: Optional[asyncio.Task] = None
         self._tasks: set[asyncio.Task] = set()
+        self.max_concurrent = max_concurrent
+        self.refuse = refuse
+        self._waiting: deque[int] = deque()
+        self._slots = asyncio.Lock()
 
     def _state(self, project: int) -> ProjectTraining:
         state = self._projects.get(project)
@@ -110,9 +130,15 @@ class TrainingScheduler:
         return answer
 
     async def request_run(self, project: int, reason: str) -> tuple[Optional[Run], bool]:
-        """Start a run, or record one follow-up if a run is active. Returns (run, collapsed)."""
+        """Start a run, or record one follow-up if a run is active, or queue the project for a free slot.
+        Returns (run, collapsed)."""
         state = self._state(project)
-        async with state.lock:
+        if self.refuse:
+            message = f"refused: {self.refuse}"
+            state.last = Run(project, "", "", RunPhase.FAILED, finished_at=time.time(), message=message)
+            log.warning("project %s: training refused: %s", project, self.refuse)
+            raise LaunchError(self.refuse)
+        async with state.lock, self._slots:
             if state.active is None:
                 adopted = await asyncio.to_thread(self.launcher.active_run, project)
                 if adopted is not None:
@@ -121,9 +147,37 @@ class TrainingScheduler:
                     self._ensure_watching()
             if state.active is not None:
                 state.follow_up = True
-                log.info("project %s: %s while %s runs; one follow-up run queued", project, reason, state.active.version)
+                log.info(
+                    "project %s: %s while %s runs; one follow-up run queued", project, reason, state.active.version
+                )
                 return state.active, True
+            if state.waiting:
+                return None, True
+            if self.max_concurrent and self._active_count() >= self.max_concurrent:
+                state.waiting = True
+                self._waiting.append(project)
+                log.info(
+                    "project %s: %s; waiting for a free slot (%d runs active, at most %d)",
+                    project,
+                    reason,
+                    self._active_count(),
+                    self.max_concurrent,
+                )
+                return None, True
             return await self._launch(project, state, reason), False
+
+    def _active_count(self) -> int:
+        return sum(1 for s in self._projects.values() if s.active is not None)
+
+    async def _start_waiting(self) -> None:
+        """Start the projects waiting for a slot, in arrival order, while slots are free."""
+        while self._waiting and (not self.max_concurrent or self._active_count() < self.max_concurrent):
+            project = self._waiting.popleft()
+            self._state(project).waiting = False
+            try:
+                await self.request_run(project, "a training slot became free")
+            except LaunchError:
+                pass
 
     async def _launch(self, project: int, state: ProjectTraining, reason: str) -> Run:
         try:
@@ -197,11 +251,10 @@ class TrainingScheduler:
                 await self.on_finished(project, run)
             except Exception as exc:
                 log.error("project %s: after run %s: %s", project, run.version, exc)
-        if follow_up:
-            try:
-                await self.request_run(project, "follow-up of requests during the last run")
-            except LaunchError:
-                pass
+        if follow_up and not state.waiting:  # behind the projects already waiting, so every project gets a turn
+            state.waiting = True
+            self._waiting.append(project)
+        await self._start_waiting()
 
     async def close(self) -> None:
         if self._watch_task is not None:

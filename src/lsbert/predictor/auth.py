@@ -11,7 +11,6 @@ from typing import Optional
 
 from fastapi import HTTPException, Request
 
-
 log = logging.getLogger(__name__)
 
 WEBHOOK_HINT = (
@@ -42,12 +41,16 @@ class BasicAuth:
         password_ok = hmac.compare_digest(password, self._password)
         return user_ok and password_ok
 
+    def hint(self, path: str) -> None:
+        """Explain (at most every 5 minutes) why Label Studio's unauthenticated webhooks are refused."""
+        if path.endswith("/webhook") and time.monotonic() - self._last_hint > 300:
+            self._last_hint = time.monotonic()
+            log.warning(WEBHOOK_HINT)
+
     def __call__(self, request: Request) -> None:
         """FastAPI dependency."""
         if not self.check(request.headers.get("authorization")):
-            if request.url.path.endswith("/webhook") and time.monotonic() - self._last_hint > 300:
-                self._last_hint = time.monotonic()
-                log.warning(WEBHOOK_HINT)
+            self.hint(request.url.path)
             raise HTTPException(
                 status_code=401,
                 detail="authentication required: this backend has BASIC_AUTH_USER/BASIC_AUTH_PASS set",

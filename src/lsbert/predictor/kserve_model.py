@@ -9,6 +9,7 @@ only known project (or ``DEFAULT_PROJECT``) is used.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any, Dict, Optional, Union
 
@@ -17,7 +18,10 @@ from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from lsbert.predictor.service import PredictorService, UnknownProject, parse_project_id
+from lsbert.predictor.errors import UnknownProject
+from lsbert.predictor.service import PredictorService, parse_project_id
+
+log = logging.getLogger(__name__)
 
 
 def _texts(values: Any) -> list[str]:
@@ -56,13 +60,28 @@ class LsbertModel(Model):
         self.ready = True
         return self.ready
 
-    async def predict(self, payload: Union[Dict, InferRequest], headers: Optional[Dict[str, str]] = None,
-                      response_headers: Optional[Dict[str, str]] = None) -> Union[Dict, InferResponse]:
+    def stop(self) -> None:
+        """Called when KServe's model repository extension unloads the model (and at shutdown). lsbert
+        cannot be loaded back through that extension, so liveness fails from now on and the pod restarts
+        instead of staying alive but never ready."""
+        super().stop()
+        if not self.service.unloaded:
+            self.service.unloaded = True
+            log.error("model %s unloaded: not ready, and GET / (liveness) answers 503 from now on", self.name)
+
+    async def predict(
+        self,
+        payload: Union[Dict, InferRequest],
+        headers: Optional[Dict[str, str]] = None,
+        response_headers: Optional[Dict[str, str]] = None,
+    ) -> Union[Dict, InferResponse]:
         if isinstance(payload, InferRequest):
             if not payload.inputs:
                 raise InvalidInput("the request has no inputs")
             texts = _texts(list(payload.inputs[0].data))
             params = payload.parameters or {}
+            if not isinstance(params, dict):
+                raise InvalidInput("'parameters' must be a JSON object")
         else:
             if isinstance(payload, (bytes, str)):  # a body sent without a JSON content type
                 try:
@@ -72,7 +91,10 @@ class LsbertModel(Model):
             if not isinstance(payload, dict):
                 raise InvalidInput("the request body must be a JSON object")
             texts = _texts(payload.get("instances", payload.get("inputs")))
-            params = {**(payload.get("parameters") or {}), **payload}
+            parameters = payload.get("parameters")
+            if parameters is not None and not isinstance(parameters, dict):
+                raise InvalidInput("'parameters' must be a JSON object")
+            params = {**(parameters or {}), **payload}
         project_value = _param(params, "project")
         labels = _param(params, "labels")
         if isinstance(labels, str):
@@ -82,7 +104,7 @@ class LsbertModel(Model):
             classified = await self.service.classify_texts(
                 texts, project=project, labels=labels, multi_label=bool(_param(params, "multi_label"))
             )
-        except (UnknownProject, ValueError) as exc:
+        except (UnknownProject, ValueError, TypeError) as exc:  # KServe's protocols answer bad input with 400
             raise InvalidInput(str(exc)) from None
 
         chosen = [list(p.chosen) for p in classified.predictions]
@@ -90,8 +112,12 @@ class LsbertModel(Model):
             n, width = len(texts), len(classified.labels)
             outputs = [
                 InferOutput("label", [n], "BYTES", [c[0] if c else "" for c in chosen]),
-                InferOutput("probabilities", [n, width], "FP32",
-                            np.asarray(classified.probabilities, dtype=np.float32).reshape(n, width).flatten().tolist()),
+                InferOutput(
+                    "probabilities",
+                    [n, width],
+                    "FP32",
+                    np.asarray(classified.probabilities, dtype=np.float32).reshape(n, width).flatten().tolist(),
+                ),
             ]
             return InferResponse(
                 response_id=payload.id or str(uuid.uuid4()),

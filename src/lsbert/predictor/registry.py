@@ -9,20 +9,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
+from lsbert import metrics
 from lsbert.labelconfig import ClassificationSpec
+from lsbert.model import ModelKind
+from lsbert.model.engine import SequenceClassifier, ZeroShotClassifier
+from lsbert.model.runtime import Runtime, release_memory
 from lsbert.modelsource import short_name
-from lsbert.predictor import metrics
-from lsbert.predictor.engine import Runtime, SequenceClassifier, ZeroShotClassifier, release_memory
 from lsbert.store import CheckpointStore, StoreError
 
 log = logging.getLogger(__name__)
+
+# A version that failed to load is retried after 5 s, then twice as long after each failure, at most 10 min
+# (a new promoted version is tried at once).
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 600.0
+# How long a request waits for the checkpoint store to say which version is promoted.
+POINTER_READ_TIMEOUT_S = 5.0
+
+
+@dataclass
+class LoadFailure:
+    attempts: int
+    retry_at: float  # time.monotonic()
+    error: str
 
 
 @dataclass(frozen=True)
@@ -30,23 +47,35 @@ class Served:
     """A model answering for one project: a fine-tuned checkpoint or the zero-shot baseline."""
 
     version: str
-    kind: str  # "finetuned" | "zeroshot"
+    kind: ModelKind
     labels: tuple[str, ...]
     multi_label: bool
-    classifier: object
+    classifier: Any  # SequenceClassifier (FINETUNED) or ZeroShotClassifier (ZEROSHOT)
 
-    def key(self, spec: ClassificationSpec):
-        return (id(self.classifier), spec.labels, spec.multi_label) if self.kind == "zeroshot" else id(self.classifier)
+    def key(self, spec: ClassificationSpec) -> Hashable:
+        """Requests with equal keys may share a forward pass (zero-shot: only over the same labels)."""
+        if self.kind is ModelKind.ZEROSHOT:
+            return (id(self.classifier), spec.labels, spec.multi_label)
+        return id(self.classifier)
 
-    def runner(self, spec: ClassificationSpec):
-        if self.kind == "zeroshot":
+    def runner(self, spec: ClassificationSpec) -> Callable[[Sequence[str]], np.ndarray]:
+        if self.kind is ModelKind.ZEROSHOT:
             return lambda texts: self.classifier.predict_proba(texts, spec.labels, spec.multi_label)
         return self.classifier.predict_proba
 
 
 class ModelRegistry:
-    def __init__(self, store: CheckpointStore, runtime: Runtime, baseline_name: str, *, max_loaded: int = 4,
-                 max_length: int = 0, batch_size: int = 64, hf_token: Optional[str] = None):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        runtime: Runtime,
+        baseline_name: str,
+        *,
+        max_loaded: int = 4,
+        max_length: int = 0,
+        batch_size: int = 64,
+        hf_token: Optional[str] = None,
+    ):
         self.store = store
         self.runtime = runtime
         self.baseline_name = baseline_name
@@ -55,18 +84,22 @@ class ModelRegistry:
         self.batch_size = batch_size
         self.hf_token = hf_token
         self.zero_shot: Optional[ZeroShotClassifier] = None
-        self._loaded: "OrderedDict[int, Served]" = OrderedDict()
+        self._loaded: OrderedDict[int, Served] = OrderedDict()
         self._pointers: dict[int, Optional[str]] = {}
         self._specs: dict[int, ClassificationSpec] = {}
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsbert-load")
         self._loading: dict[tuple[int, str], asyncio.Future] = {}
         self._reported: dict[int, str] = {}  # zero-shot version last exported as a metric, per project
+        self._failures: dict[tuple[int, str], LoadFailure] = {}
+        self._pointer_reads: dict[int, asyncio.Future] = {}
 
     # --- start-up ---------------------------------------------------------------------------------
     def load_baseline(self) -> None:
         """Blocking: load and warm up the baseline encoder (readiness waits for this)."""
-        self.zero_shot = ZeroShotClassifier(self.baseline_name, self.runtime, self.max_length, self.batch_size, self.hf_token)
+        self.zero_shot = ZeroShotClassifier(
+            self.baseline_name, self.runtime, self.max_length, self.batch_size, self.hf_token
+        )
         self.zero_shot.warm_up()
         log.info("baseline %s loaded on %s (%s)", self.baseline_name, self.runtime.device, self.runtime.precision)
 
@@ -88,13 +121,29 @@ class ModelRegistry:
         self._pointers[project] = version
 
     def pointer(self, project: int) -> Optional[str]:
-        """The promoted version as last read from the store (read once if never read)."""
-        if project not in self._pointers:
-            try:
-                self._pointers[project] = self.store.promoted(project)
-            except StoreError as exc:
-                log.warning("cannot read the promoted version of project %s: %s", project, exc)
-                return None
+        """The promoted version as last read from the store; never reads the store (``read_pointer`` does)."""
+        return self._pointers.get(project)
+
+    async def read_pointer(self, project: int, timeout: float = POINTER_READ_TIMEOUT_S) -> Optional[str]:
+        """The promoted version, read from the store once per project off the event loop (then kept up to
+        date by the rollout watcher). A store that does not answer within ``timeout`` leaves it unknown."""
+        if project in self._pointers:
+            return self._pointers[project]
+        # One read per project at a time, however many requests ask: a store that hangs holds one thread.
+        read = self._pointer_reads.get(project)
+        if read is None:
+            read = asyncio.ensure_future(asyncio.to_thread(self.store.promoted, project))
+            self._pointer_reads[project] = read
+            read.add_done_callback(lambda _f: self._pointer_reads.pop(project, None))
+        try:
+            version = await asyncio.wait_for(asyncio.shield(read), timeout)
+        except asyncio.TimeoutError:
+            log.warning("project %s: the checkpoint store did not say the promoted version in %.0fs", project, timeout)
+            return None
+        except (StoreError, OSError) as exc:
+            log.warning("cannot read the promoted version of project %s: %s", project, exc)
+            return None
+        self._pointers.setdefault(project, version)
         return self._pointers[project]
 
     def loaded(self, project: int) -> Optional[Served]:
@@ -102,20 +151,65 @@ class ModelRegistry:
             return self._loaded.get(project)
 
     def version_for(self, project: int, spec: ClassificationSpec) -> str:
-        """The version /setup reports: what /predict will serve for this project right now."""
+        """The version /setup reports: what /predict will serve for this project right now (never a
+        promoted version that failed to load)."""
         served = self.loaded(project)
         if served is not None and _compatible(served, spec):
             return served.version
-        if served is None and self.pointer(project):
-            return self.pointer(project)
-        return self.zero_shot_version(spec)
+        pointer = self.pointer(project) if served is None else None
+        if pointer and (project, pointer) in self._failures:
+            pointer = None
+        return pointer or self.zero_shot_version(spec)
 
-    def serving_summary(self) -> dict[str, str]:
+    # --- failed loads -------------------------------------------------------------------------------
+    def load_due(self, project: int, version: str) -> bool:
+        """False while a version that failed to load waits for its next retry."""
+        failure = self._failures.get((project, version))
+        return failure is None or time.monotonic() >= failure.retry_at
+
+    def load_failures(self) -> dict[str, dict[str, Any]]:
+        """The promoted versions that cannot be loaded, per project, with the error and the next retry."""
+        now = time.monotonic()
+        return {
+            str(project): {
+                "version": version,
+                "error": failure.error,
+                "attempts": failure.attempts,
+                "retry_in_s": round(max(0.0, failure.retry_at - now), 1),
+            }
+            for (project, version), failure in sorted(self._failures.items())
+            if self._pointers.get(project) == version
+        }
+
+    def _record_failure(self, project: int, version: str, exc: BaseException) -> LoadFailure:
+        previous = self._failures.get((project, version))
+        attempts = previous.attempts + 1 if previous else 1
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (attempts - 1))
+        failure = LoadFailure(attempts, time.monotonic() + delay, f"{type(exc).__name__}: {exc}"[:300])
+        # only the current attempt per project is kept
+        for key in [k for k in self._failures if k[0] == project and k[1] != version]:
+            del self._failures[key]
+        self._failures[(project, version)] = failure
+        return failure
+
+    def serving_summary(self, limit: Optional[int] = None) -> dict[str, str]:
+        """What serves each known project, from memory only (the store is never read here): the loaded
+        model, else the zero-shot version for its config (with the promoted version waiting to load, if
+        one was read). At most ``limit`` projects, the highest ids."""
+        projects = self.known_projects()
+        if limit is not None:
+            projects = projects[-limit:]
         summary = {}
-        for project in self.known_projects():
+        for project in projects:
             spec = self._specs.get(project)
             loaded = self.loaded(project)
-            summary[str(project)] = self.version_for(project, spec) if spec else (loaded.version if loaded else self.pointer(project) or "-")
+            pending = self._pointers.get(project)
+            if loaded is not None and (spec is None or _compatible(loaded, spec)):
+                summary[str(project)] = loaded.version
+            elif spec is not None:
+                summary[str(project)] = self.zero_shot_version(spec)
+            else:
+                summary[str(project)] = pending or "-"
         return summary
 
     # --- serving ------------------------------------------------------------------------------------
@@ -124,20 +218,19 @@ class ModelRegistry:
         if project is not None and self._reported.get(project) != version:
             previous = self._reported.get(project)
             if previous:
-                metrics.SERVING_MODEL.labels(str(project), previous, "zeroshot").set(0)
-            metrics.SERVING_MODEL.labels(str(project), version, "zeroshot").set(1)
+                metrics.SERVING_MODEL.labels(str(project), previous, ModelKind.ZEROSHOT.value).set(0)
+            metrics.SERVING_MODEL.labels(str(project), version, ModelKind.ZEROSHOT.value).set(1)
             self._reported[project] = version
-        return Served(version, "zeroshot", spec.labels, spec.multi_label, self.zero_shot)
+        return Served(version, ModelKind.ZEROSHOT, spec.labels, spec.multi_label, self.zero_shot)
 
     async def acquire(self, project: int, spec: ClassificationSpec) -> Served:
         served = self.loaded(project)
         if served is None:
-            version = self.pointer(project)
-            if version:
+            version = await self.read_pointer(project)
+            if version and self.load_due(project, version):
                 try:
                     served = await self.ensure_loaded(project, version)
-                except Exception as exc:  # a broken checkpoint must not take the project down
-                    log.error("project %s: cannot load %s (%s); serving the zero-shot baseline", project, version, exc)
+                except Exception:  # a broken checkpoint must not take the project down (ensure_loaded logs it)
                     served = None
         if served is not None and _compatible(served, spec):
             with self._lock:
@@ -150,7 +243,7 @@ class ModelRegistry:
         path = self.store.local_path(project, version)
         classifier = SequenceClassifier(path, self.runtime, self.max_length, self.batch_size)
         classifier.warm_up()
-        return Served(version, "finetuned", classifier.labels, classifier.multi_label, classifier)
+        return Served(version, ModelKind.FINETUNED, classifier.labels, classifier.multi_label, classifier)
 
     async def ensure_loaded(self, project: int, version: str) -> Served:
         """Load ``version`` in the background (once, however many callers ask) and swap it in."""
@@ -164,9 +257,27 @@ class ModelRegistry:
             future = loop.run_in_executor(self._loader, self._load_blocking, project, version)
             self._loading[key] = future
             future.add_done_callback(lambda _f: self._loading.pop(key, None))
+            future.add_done_callback(lambda f: self._loaded_or_failed(project, version, f))
         served = await asyncio.shield(future)
         self._swap(project, served)
         return served
+
+    def _loaded_or_failed(self, project: int, version: str, future: asyncio.Future) -> None:
+        """Once per load attempt, however many requests waited for it."""
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self._failures.pop((project, version), None)
+            return
+        failure = self._record_failure(project, version, exc)
+        log.error(
+            "project %s: cannot load %s (%s); serving the zero-shot baseline, retrying in %.0fs",
+            project,
+            version,
+            failure.error,
+            failure.retry_at - time.monotonic(),
+        )
 
     def _swap(self, project: int, served: Served) -> None:
         evicted: list[Served] = []
@@ -181,14 +292,14 @@ class ModelRegistry:
                 evicted.append(victim)
         self._pointers[project] = served.version
         if old is not None:
-            metrics.SERVING_MODEL.labels(str(project), old.version, old.kind).set(0)
+            metrics.SERVING_MODEL.labels(str(project), old.version, old.kind.value).set(0)
             metrics.MODEL_SWAPS.inc()
             log.info("project %s: swapped %s -> %s", project, old.version, served.version)
         else:
             log.info("project %s: serving %s", project, served.version)
-        metrics.SERVING_MODEL.labels(str(project), served.version, served.kind).set(1)
+        metrics.SERVING_MODEL.labels(str(project), served.version, served.kind.value).set(1)
         if project in self._reported:
-            metrics.SERVING_MODEL.labels(str(project), self._reported.pop(project), "zeroshot").set(0)
+            metrics.SERVING_MODEL.labels(str(project), self._reported.pop(project), ModelKind.ZEROSHOT.value).set(0)
         # In-flight requests keep their reference to the old model; memory returns once they finish.
         del old, evicted
         release_memory()

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from lsbert.labelconfig import ClassificationSpec
+from lsbert.model.decision import choose
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,12 @@ def decide(row: np.ndarray, labels: Sequence[str], multi_label: bool, threshold:
     probabilities = {label: round(float(p), 6) for label, p in zip(labels, row)}
     if not len(labels):
         return Prediction((), probabilities, 0.0)
+    chosen = choose(row, labels, multi_label, threshold)
     if multi_label:
-        chosen = tuple(label for label, p in zip(labels, row) if p >= threshold)
         # Confidence in the whole set: each label's decision is right with max(p, 1 - p).
         score = float(np.mean(np.maximum(row, 1.0 - row)))
         return Prediction(chosen, probabilities, score)
-    best = int(np.argmax(row))
-    return Prediction((labels[best],), probabilities, float(row[best]))
+    return Prediction(chosen, probabilities, float(np.max(row)))  # the chosen (most probable) label
 
 
 def to_label_studio(prediction: Optional[Prediction], spec: ClassificationSpec, model_version: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The Label Studio ML backend API (as Label Studio 1.23 speaks it), on the KServe FastAPI app.
 
 Handlers only parse and validate, call the predictor service or the training scheduler, and shape the
-answer. Malformed requests get a 4xx with a message Label Studio shows to the user.
+answer. Malformed requests raise the domain errors of ``lsbert.predictor.errors``, which answers each with
+its 4xx and a message Label Studio shows to the user.
 """
 
 from __future__ import annotations
@@ -9,31 +10,65 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 
+from lsbert import metrics
 from lsbert.labelconfig import LabelConfigError
-from lsbert.predictor import metrics
 from lsbert.predictor.auth import BasicAuth
-from lsbert.predictor.service import PredictorService, UnknownProject, parse_project_id
+from lsbert.predictor.errors import (
+    BadRequest,
+    NotReady,
+    TooManyTasks,
+    TrainingDisabled,
+    UnknownProject,
+    install_error_handlers,
+)
+from lsbert.predictor.service import PredictorService, parse_project_id
 
 log = logging.getLogger(__name__)
 
 MAX_TASKS = 100_000
+# Webhook actions Label Studio sends; any other value is counted under "other" so that invented actions
+# cannot grow /metrics without bound.
+KNOWN_ACTIONS = frozenset(
+    {
+        "ANNOTATION_CREATED",
+        "ANNOTATIONS_CREATED",
+        "ANNOTATION_UPDATED",
+        "ANNOTATIONS_DELETED",
+        "TASKS_CREATED",
+        "TASKS_DELETED",
+        "PROJECT_CREATED",
+        "PROJECT_UPDATED",
+        "PROJECT_DELETED",
+        "START_TRAINING",
+        "LABEL_LINK_CREATED",
+        "LABEL_LINK_UPDATED",
+        "LABEL_LINK_DELETED",
+        "REVIEW_CREATED",
+        "REVIEW_UPDATED",
+        "REVIEWS_DELETED",
+    }
+)
+# Projects listed one by one in /health; beyond that only their number.
+HEALTH_PROJECTS = 100
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw:
-        raise HTTPException(400, "the request body is empty; expected a JSON object")
+        raise BadRequest("the request body is empty; expected a JSON object")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, f"the request body is not valid JSON: {exc}") from None
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(body, dict):
-        raise HTTPException(400, "the request body must be a JSON object")
+        raise BadRequest("the request body must be a JSON object")
     return body
 
 
@@ -41,42 +76,59 @@ def _project(value: Any, where: str) -> int:
     try:
         return parse_project_id(value)
     except ValueError as exc:
-        raise HTTPException(400, f"{where}: {exc}") from None
-
-
-@contextmanager
-def _config_errors() -> Iterator[None]:
-    """A config lsbert cannot serve is a 422, an unknown project a 404; both with the reason."""
-    try:
-        yield
-    except LabelConfigError as exc:
-        raise HTTPException(422, f"lsbert cannot serve this labelling config: {exc}") from None
-    except UnknownProject as exc:
-        raise HTTPException(404, str(exc)) from None
+        raise BadRequest(f"{where}: {exc}") from None
 
 
 class LabelStudioEndpoints:
-    def __init__(self, service: PredictorService, scheduler=None, store=None):
+    def __init__(self, service: PredictorService, scheduler=None, store=None, load_wait_seconds: float = 60.0):
         self.service = service
         self.scheduler = scheduler
         self.store = store
+        self.load_wait_seconds = load_wait_seconds
 
-    async def health(self) -> dict[str, Any]:
-        return {
-            "status": "UP",
-            "model_class": "lsbert",
-            "ready": self.service.ready,
-            "baseline": self.service.registry.baseline_name,
-            "serving": self.service.registry.serving_summary(),
-            "training": self.scheduler.status() if self.scheduler else {},
-        }
+    async def health(self, request: Request) -> dict[str, Any]:
+        """Answered from memory only (never the store or the cluster), and never an error: Label Studio
+        calls it before every /setup. Without credentials (basic auth on) only up and ready."""
+        ready = self.service.ready and not self.service.unloaded
+        answer: dict[str, Any] = {"status": "UP", "model_class": "lsbert", "ready": ready}
+        if not request.scope.get("state", {}).get("lsbert_authorized", True):
+            return answer
+        try:
+            serving = self.service.registry.serving_summary(limit=HEALTH_PROJECTS)
+            failures = self.service.registry.load_failures()
+            training = self.scheduler.status() if self.scheduler else {}
+            if len(training) > HEALTH_PROJECTS:
+                training = dict(list(training.items())[-HEALTH_PROJECTS:])
+        except Exception as exc:  # a bug in a summary must not turn the health check red
+            log.error("health details unavailable: %s", exc)
+            serving, training, failures = {}, {}, {}
+        if failures:
+            answer["load_failures"] = dict(list(failures.items())[:HEALTH_PROJECTS])
+        answer.update(
+            baseline=self.service.registry.baseline_name,
+            projects=len(self.service.registry.known_projects()),
+            serving=serving,
+            training=training,
+        )
+        return answer
+
+    async def live(self, request: Request) -> Any:
+        """``GET /``: the health answer, and the liveness probe: 503 once the model was unloaded (it cannot
+        be loaded back), so that the pod is restarted rather than left alive but never ready."""
+        answer = await self.health(request)
+        if self.service.unloaded:
+            return JSONResponse({**answer, "status": "DOWN"}, status_code=503)
+        return answer
 
     async def setup(self, request: Request) -> dict[str, Any]:
         with metrics.REQUEST_SECONDS.labels("setup").time():
             body = await _json_body(request)
             project = _project(body.get("project"), "setup")
-            with _config_errors():
-                version = self.service.setup(project, body.get("schema"))
+            schema = body.get("schema")
+            if schema is not None and not isinstance(schema, str):
+                raise BadRequest("'schema' must be the labelling config as an XML string")
+            await self.service.registry.read_pointer(project)  # off the event loop, bounded
+            version = self.service.setup(project, schema)
             return {"model_version": version}
 
     async def predict(self, request: Request) -> dict[str, Any]:
@@ -84,17 +136,21 @@ class LabelStudioEndpoints:
         body = await _json_body(request)
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
-            raise HTTPException(400, "'tasks' must be a list of Label Studio tasks")
+            raise BadRequest("'tasks' must be a list of Label Studio tasks")
         if len(tasks) > MAX_TASKS:
-            raise HTTPException(413, f"{len(tasks)} tasks in one request; at most {MAX_TASKS}")
-        if not self.service.ready:
-            raise HTTPException(503, "the model is still loading; retry in a few seconds")
+            raise TooManyTasks(f"{len(tasks)} tasks in one request; at most {MAX_TASKS}")
         project_field = body.get("project")
         if project_field is None and tasks and isinstance(tasks[0], dict):
             project_field = tasks[0].get("project")
         project = _project(project_field, "predict")
-        with _config_errors():
-            spec = self.service.resolve_spec(project, body.get("label_config"))
+        label_config = body.get("label_config")
+        if label_config is not None and not isinstance(label_config, str):
+            raise BadRequest("'label_config' must be the labelling config as an XML string")
+        # Label Studio does not retry a failed /predict: a request that comes while the baseline is still
+        # loading waits for it (bounded) rather than failing.
+        if not await self.service.wait_ready(self.load_wait_seconds):
+            raise NotReady("the model is still loading; retry in a few seconds")
+        spec = self.service.resolve_spec(project, label_config)
         version, results = await self.service.predict_tasks(project, spec, tasks)
         metrics.REQUEST_SECONDS.labels("predict").observe(time.perf_counter() - started)
         return {"results": results, "model_version": version}
@@ -103,8 +159,8 @@ class LabelStudioEndpoints:
         body = await _json_body(request)
         action = body.get("action")
         if not isinstance(action, str) or not action:
-            raise HTTPException(400, "a webhook body needs an 'action'")
-        metrics.WEBHOOK_EVENTS.labels(action).inc()
+            raise BadRequest("a webhook body needs an 'action'")
+        metrics.WEBHOOK_EVENTS.labels(action if action in KNOWN_ACTIONS else "other").inc()
         project_obj = body.get("project")
         project_value = project_obj.get("id") if isinstance(project_obj, dict) else project_obj
         if project_value is None:
@@ -124,12 +180,12 @@ class LabelStudioEndpoints:
         body = await _json_body(request)
         project = _project(body.get("project"), "train")
         if self.scheduler is None:
-            raise HTTPException(409, "training is disabled (TRAINING_LAUNCHER=none)")
+            raise TrainingDisabled("training is disabled (TRAINING_LAUNCHER=none)")
         return await self.scheduler.handle_event("START_TRAINING", project, body)
 
     async def versions(self, project: Optional[str] = None) -> dict[str, Any]:
         if self.store is None:
-            raise HTTPException(404, "no checkpoint store configured")
+            raise UnknownProject("no checkpoint store configured")
         projects = [_project(project, "versions")] if project else self.service.registry.known_projects()
         if not project:
             projects = sorted(set(projects) | set(self.store.projects()))
@@ -137,17 +193,24 @@ class LabelStudioEndpoints:
         names: list[str] = []
         training = self.scheduler.status() if self.scheduler else {}
         for pid in projects:
-            promoted = self.store.promoted(pid)
+            try:
+                promoted, infos = self.store.promoted(pid), self.store.versions(pid)
+            except Exception as exc:  # one unreadable project never fails the answer for the others
+                log.warning("/versions: cannot read project %s: %s", pid, exc)
+                details[str(pid)] = {"error": f"cannot read the project's checkpoints: {type(exc).__name__}"}
+                continue
             entries = []
-            for info in reversed(self.store.versions(pid)):
+            for info in reversed(infos):
                 names.append(info.version)
-                entries.append({
-                    "version": info.version,
-                    "promoted": info.version == promoted,
-                    "created_at": info.metadata.get("created_at"),
-                    "metrics": info.metrics,
-                    "promotion": info.metadata.get("promotion"),
-                })
+                entries.append(
+                    {
+                        "version": info.version,
+                        "promoted": info.version == promoted,
+                        "created_at": info.metadata.get("created_at"),
+                        "metrics": info.metrics,
+                        "promotion": info.metadata.get("promotion"),
+                    }
+                )
             details[str(pid)] = {"promoted": promoted, "versions": entries}
             if training.get(str(pid)):
                 # the active or last run, with why it is pending or failed (as /health has it)
@@ -155,11 +218,14 @@ class LabelStudioEndpoints:
         return {"versions": names, "projects": details}
 
 
-def register_label_studio_routes(app: FastAPI, endpoints: LabelStudioEndpoints, auth: BasicAuth, prefix: str = "") -> None:
+def register_label_studio_routes(
+    app: FastAPI, endpoints: LabelStudioEndpoints, auth: BasicAuth, prefix: str = ""
+) -> None:
+    install_error_handlers(app)
     guarded = APIRouter(prefix=prefix, dependencies=[Depends(auth)])
     open_router = APIRouter(prefix=prefix)
     open_router.add_api_route("/health", endpoints.health, methods=["GET"])
-    open_router.add_api_route("/", endpoints.health, methods=["GET"])
+    open_router.add_api_route("/", endpoints.live, methods=["GET"])
     guarded.add_api_route("/setup", endpoints.setup, methods=["POST"])
     guarded.add_api_route("/predict", endpoints.predict, methods=["POST"])
     guarded.add_api_route("/webhook", endpoints.webhook, methods=["POST"])

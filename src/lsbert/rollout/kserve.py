@@ -8,7 +8,7 @@ from (two writers cannot interleave: the later one gets 409 and recomputes).
 
 Completion is judged from the predictor Deployment (``<isvc>-predictor`` in KServe's Standard mode), never
 from the InferenceService's Ready condition, which stays True during a rolling update and whose
-observedGeneration is the Deployment's (shared/reference/kserve.md §12):
+observedGeneration is the Deployment's (KServe copies it from the Deployment's status):
 
 * ``metadata.generation == status.observedGeneration``;
 * ``updatedReplicas == replicas == availableReplicas`` (and == ``spec.replicas``);
@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, cast
 
 from lsbert.kubeclient import REQUEST_TIMEOUT, load_api_client, resolve_namespace
 from lsbert.settings import SettingsError
@@ -66,8 +66,12 @@ def read_checkpoints(isvc_name: str, namespace: str, *, api_client=None) -> tupl
 
     api, owned = _client(api_client)
     try:
-        isvc = client.CustomObjectsApi(api).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, isvc_name, _request_timeout=REQUEST_TIMEOUT)
+        isvc = cast(
+            dict[str, Any],
+            client.CustomObjectsApi(api).get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, isvc_name, _request_timeout=REQUEST_TIMEOUT
+            ),
+        )
     finally:
         if owned:
             api.close()
@@ -75,8 +79,9 @@ def read_checkpoints(isvc_name: str, namespace: str, *, api_client=None) -> tupl
     return annotations.get(ANNOTATION), (isvc.get("metadata") or {}).get("resourceVersion", "")
 
 
-def roll(isvc_name: str, namespace: str, checkpoint_id: str, *, api_client=None,
-         resource_version: Optional[str] = None) -> bool:
+def roll(
+    isvc_name: str, namespace: str, checkpoint_id: str, *, api_client=None, resource_version: Optional[str] = None
+) -> bool:
     """Merge-patch ``spec.predictor.annotations["lsbert.io/checkpoints"] = checkpoint_id``.
 
     Returns False when the annotation already has that value (nothing to roll). With ``resource_version``
@@ -91,10 +96,24 @@ def roll(isvc_name: str, namespace: str, checkpoint_id: str, *, api_client=None,
         body: dict[str, Any] = {"spec": {"predictor": {"annotations": {ANNOTATION: checkpoint_id}}}}
         body["metadata"] = {"resourceVersion": resource_version or rv}
         client.CustomObjectsApi(api).patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, isvc_name, body, _content_type=MERGE_PATCH,
-            field_manager="lsbert", _request_timeout=REQUEST_TIMEOUT)
-        log.info("InferenceService %s/%s: %s %r -> %r (KServe rolls the predictor)", namespace, isvc_name,
-                 ANNOTATION, current, checkpoint_id)
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            isvc_name,
+            body,
+            _content_type=MERGE_PATCH,
+            field_manager="lsbert",
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+        log.info(
+            "InferenceService %s/%s: %s %r -> %r (KServe rolls the predictor)",
+            namespace,
+            isvc_name,
+            ANNOTATION,
+            current,
+            checkpoint_id,
+        )
         return True
     finally:
         if owned:
@@ -143,8 +162,9 @@ def deployment_rollout(deployment: Any, checkpoint_id: Optional[str] = None) -> 
     return True, ""
 
 
-def rollout_finished(deployment_name: str, namespace: str, *, api_client=None,
-                     checkpoint_id: Optional[str] = None) -> bool:
+def rollout_finished(
+    deployment_name: str, namespace: str, *, api_client=None, checkpoint_id: Optional[str] = None
+) -> bool:
     """True when the Deployment has finished rolling out (see the module doc); False while it is in
     progress or not there yet; RolloutFailed on ProgressDeadlineExceeded."""
     from kubernetes import client
@@ -153,7 +173,8 @@ def rollout_finished(deployment_name: str, namespace: str, *, api_client=None,
     api, owned = _client(api_client)
     try:
         deployment = client.AppsV1Api(api).read_namespaced_deployment(
-            deployment_name, namespace, _request_timeout=REQUEST_TIMEOUT)
+            deployment_name, namespace, _request_timeout=REQUEST_TIMEOUT
+        )
     except ApiException as exc:
         if exc.status == 404:
             return False
@@ -167,14 +188,22 @@ def rollout_finished(deployment_name: str, namespace: str, *, api_client=None,
     return done
 
 
-def wait_for_rollout(deployment_name: str, namespace: str, *, api_client=None, checkpoint_id: Optional[str] = None,
-                     timeout: float = 900.0, interval: float = 5.0) -> None:
+def wait_for_rollout(
+    deployment_name: str,
+    namespace: str,
+    *,
+    api_client=None,
+    checkpoint_id: Optional[str] = None,
+    timeout: float = 900.0,
+    interval: float = 5.0,
+) -> None:
     """Block until ``rollout_finished``; RolloutFailed on a progress deadline or after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not rollout_finished(deployment_name, namespace, api_client=api_client, checkpoint_id=checkpoint_id):
         if time.monotonic() > deadline:
             raise RolloutFailed(
-                f"Deployment {namespace}/{deployment_name} did not finish rolling out in {timeout:.0f}s")
+                f"Deployment {namespace}/{deployment_name} did not finish rolling out in {timeout:.0f}s"
+            )
         time.sleep(interval)
 
 
@@ -185,8 +214,18 @@ class RestartRollout:
     patches the InferenceService; a background task then follows the predictor Deployment and logs the end
     of the rollout (or its failure), so the scheduler is never held up by a rolling update."""
 
-    def __init__(self, api_client, namespace: str, isvc_name: str, store, *, deployment_name: Optional[str] = None,
-                 follow: bool = True, poll_seconds: float = 5.0, timeout: float = 1800.0):
+    def __init__(
+        self,
+        api_client,
+        namespace: str,
+        isvc_name: str,
+        store,
+        *,
+        deployment_name: Optional[str] = None,
+        follow: bool = True,
+        poll_seconds: float = 5.0,
+        timeout: float = 1800.0,
+    ):
         self.api_client = api_client
         self.namespace = namespace
         self.isvc_name = isvc_name
@@ -201,13 +240,18 @@ class RestartRollout:
         self._follower: Optional[asyncio.Task] = None
 
     @classmethod
-    def from_environment(cls, settings, store, api_client=None, **kwargs) -> "RestartRollout":
+    def from_environment(cls, settings, store, api_client=None, **kwargs) -> RestartRollout:
         """ISVC_NAME and POD_NAMESPACE from the settings; the API client of the pod's ServiceAccount (or
         KUBECONFIG) unless one is given (e.g. the KubernetesLauncher's ``api_client``)."""
         if not settings.isvc_name:
             raise SettingsError("ROLLOUT_STRATEGY=restart needs ISVC_NAME (the InferenceService to patch)")
-        return cls(api_client if api_client is not None else load_api_client(),
-                   resolve_namespace(settings.pod_namespace), settings.isvc_name, store, **kwargs)
+        return cls(
+            api_client if api_client is not None else load_api_client(),
+            resolve_namespace(settings.pod_namespace),
+            settings.isvc_name,
+            store,
+            **kwargs,
+        )
 
     def _pointers(self) -> dict[int, Optional[str]]:
         return {project: self.store.promoted(project) for project in self.store.projects()}
@@ -223,8 +267,9 @@ class RestartRollout:
             if current == wanted or (not wanted and current is None):
                 return wanted, False
             try:
-                return wanted, roll(self.isvc_name, self.namespace, wanted, api_client=self.api_client,
-                                    resource_version=rv)
+                return wanted, roll(
+                    self.isvc_name, self.namespace, wanted, api_client=self.api_client, resource_version=rv
+                )
             except ApiException as exc:
                 if exc.status != 409 or attempt == 4:
                     raise
@@ -260,8 +305,15 @@ class RestartRollout:
 
     async def _follow(self, checkpoint_id: str) -> None:
         try:
-            await asyncio.to_thread(wait_for_rollout, self.deployment_name, self.namespace, api_client=self.api_client,
-                                    checkpoint_id=checkpoint_id, timeout=self.timeout, interval=self.poll_seconds)
+            await asyncio.to_thread(
+                wait_for_rollout,
+                self.deployment_name,
+                self.namespace,
+                api_client=self.api_client,
+                checkpoint_id=checkpoint_id,
+                timeout=self.timeout,
+                interval=self.poll_seconds,
+            )
         except RolloutFailed as exc:
             self.last_result = f"failed: {exc}"
             log.error("rollout of %s to %s failed: %s", self.isvc_name, checkpoint_id, exc)

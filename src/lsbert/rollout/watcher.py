@@ -6,16 +6,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
+from typing import Any, Optional, Protocol
 
-from lsbert.predictor.registry import ModelRegistry
 from lsbert.store import CheckpointStore
 
 log = logging.getLogger(__name__)
 
 
+class LoadedModel(Protocol):
+    @property
+    def version(self) -> str: ...
+
+
+class ServingModels(Protocol):
+    """What the watcher needs of the predictor's model registry (``lsbert.predictor.registry.ModelRegistry``)."""
+
+    @property
+    def max_loaded(self) -> int: ...
+
+    def set_pointer(self, project: int, version: Optional[str]) -> None: ...
+
+    def loaded(self, project: int) -> Optional[LoadedModel]: ...
+
+    def spec(self, project: int) -> Optional[Any]: ...
+
+    def known_projects(self) -> list[int]: ...
+
+    async def ensure_loaded(self, project: int, version: str) -> Any: ...
+
+    def load_due(self, project: int, version: str) -> bool: ...
+
+
 class RolloutWatcher:
-    def __init__(self, registry: ModelRegistry, store: CheckpointStore, interval: float):
+    def __init__(self, registry: ServingModels, store: CheckpointStore, interval: float):
         self.registry = registry
         self.store = store
         self.interval = interval
@@ -31,13 +54,19 @@ class RolloutWatcher:
             return None
         self.registry.set_pointer(project, version)
         loaded = self.registry.loaded(project)
-        if version and (preload or loaded is not None or self.registry.spec(project) is not None):
-            if loaded is None or loaded.version != version:
-                try:
-                    await self.registry.ensure_loaded(project, version)
-                except Exception as exc:
-                    log.error("project %s: cannot roll to %s: %s; still serving %s", project, version, exc,
-                              loaded.version if loaded else "the zero-shot baseline")
+        in_use = preload or loaded is not None or self.registry.spec(project) is not None
+        due = version is not None and self.registry.load_due(project, version)
+        if version and due and in_use and (loaded is None or loaded.version != version):
+            try:
+                await self.registry.ensure_loaded(project, version)
+            except Exception as exc:
+                log.warning(
+                    "project %s: cannot roll to %s: %s; still serving %s",
+                    project,
+                    version,
+                    exc,
+                    loaded.version if loaded else "the zero-shot baseline",
+                )
         return version
 
     async def check_all(self, preload: bool = False) -> None:

@@ -20,9 +20,11 @@ project (staging dirs, reservations, temp files) are never versions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -134,7 +136,7 @@ class VersionInfo:
 
 
 class CheckpointStore(ABC):
-    """Abstract store; ``open_store(uri)`` picks the implementation from the URI."""
+    """Abstract store; ``lsbert.store.open_store(uri)`` picks the implementation from the URI."""
 
     root: str
     #: Test hook: called with a step name at every point where a crash must leave the store consistent:
@@ -206,7 +208,7 @@ class CheckpointStore(ABC):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise ValueError(f"keep must be a non-negative int, got {keep!r}")
         ordered = sorted(versions, key=lambda v: (version_seq(v.version) or 0, v.version))
-        kept = {v.version for v in ordered[max(0, len(ordered) - keep):]} if keep else set()
+        kept = {v.version for v in ordered[max(0, len(ordered) - keep) :]} if keep else set()
         return [v.version for v in ordered if v.version not in kept and v.version != promoted]
 
     @staticmethod
@@ -222,12 +224,15 @@ class CheckpointStore(ABC):
         return merged
 
 
-def open_store(uri: str, cache_dir: str | Path = ".lsbert-cache") -> CheckpointStore:
-    """``s3://bucket/prefix`` → S3Store (endpoint from AWS_ENDPOINT_URL); anything else → LocalStore."""
-    if uri.startswith("s3://"):
-        from lsbert.store.s3 import S3Store
-
-        return S3Store(uri, cache_dir=Path(cache_dir))
-    from lsbert.store.local import LocalStore
-
-    return LocalStore(Path(uri))
+def newest_mtime(path: Path) -> float:
+    """The newest mtime in a tree (a staging dir's own mtime does not move when its subdirs fill)."""
+    try:
+        newest = path.lstat().st_mtime
+    except OSError:
+        return time.time()
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+    return newest

@@ -38,6 +38,7 @@ from lsbert.store.base import (
     check_version,
     format_version,
     metadata_bytes,
+    newest_mtime,
     parse_pointer,
     pointer_bytes,
     source_files,
@@ -110,7 +111,7 @@ def _write_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -126,28 +127,14 @@ def _copy_file(src: Path, dst: Path) -> int:
         os.close(fd)
 
 
-def _newest_mtime(path: Path) -> float:
-    """The newest mtime in a tree (a staging dir's own mtime does not move when its subdirs fill)."""
-    try:
-        newest = path.lstat().st_mtime
-    except OSError:
-        return time.time()
-    if path.is_dir() and not path.is_symlink():
-        for dirpath, dirnames, filenames in os.walk(path):
-            for name in dirnames + filenames:
-                with contextlib.suppress(OSError):
-                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
-    return newest
-
-
 def _hidden_seq(name: str) -> Optional[int]:
     """Sequence number held by a hidden entry: a reservation, a staging dir or a dir being deleted."""
     if name.startswith(RESERVED_PREFIX):
-        tail = name[len(RESERVED_PREFIX):]
+        tail = name[len(RESERVED_PREFIX) :]
         return int(tail) if tail.isdigit() else None
     for prefix in (STAGING_PREFIX, DELETING_PREFIX):
         if name.startswith(prefix):
-            version = name[len(prefix):].rsplit("-", 1)[0]
+            version = name[len(prefix) :].rsplit("-", 1)[0]
             return version_seq(version)
     return None
 
@@ -425,7 +412,7 @@ class LocalStore(CheckpointStore):
                     reservations.append((seq, path))
                 continue
             if name.startswith(DELETING_PREFIX) or (
-                name.startswith((STAGING_PREFIX, POINTER_TMP_PREFIX)) and now - _newest_mtime(path) > STALE_AFTER_S
+                name.startswith((STAGING_PREFIX, POINTER_TMP_PREFIX)) and now - newest_mtime(path) > STALE_AFTER_S
             ):
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)

@@ -19,20 +19,16 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import socket
-import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import boto3
 from boto3.exceptions import Boto3Error, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -63,73 +59,20 @@ from lsbert.store.base import (
     utc_now,
     version_seq,
 )
-from lsbert.store.local import _newest_mtime
+from lsbert.store.s3cache import S3LocalCache
+from lsbert.store.s3util import (
+    DENIED,
+    NO_CONDITIONAL,
+    error_code,
+    make_client,
+    redact_url,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PARTIAL_PREFIX = ".partial-"
-STALE_CACHE_PREFIX = ".stale-"
-_DENIED = {
-    "AccessDenied",
-    "AllAccessDisabled",
-    "Forbidden",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "TokenRefreshRequired",
-    "403",
-}
-_NO_CONDITIONAL = {"NotImplemented", "InvalidArgument", "InvalidRequest", "NotSupported", "501"}
 
-
-def _redact_url(url: Optional[str]) -> str:
-    """An endpoint URL for messages, without any user:password@ part."""
-    if not url:
-        return "the default AWS endpoint"
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts)
-
-
-def _make_client() -> Any:
-    kwargs: dict[str, Any] = {}
-    if not (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")):
-        endpoint = os.environ.get("S3_ENDPOINT_URL")
-        if endpoint:
-            kwargs["endpoint_url"] = endpoint
-    s3_config: dict[str, Any] = {}
-    style = os.environ.get("S3_ADDRESSING_STYLE")
-    if style:
-        s3_config["addressing_style"] = style
-    options: dict[str, Any] = {"connect_timeout": 10, "read_timeout": 120, "max_pool_connections": 32}
-    if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):  # the env wins if set
-        options["retries"] = {"max_attempts": 5, "mode": "standard"}
-    if s3_config:
-        options["s3"] = s3_config
-    config = Config(**options)
-    return boto3.session.Session().client("s3", config=config, **kwargs)
-
-
-def _error_code(exc: BaseException) -> tuple[str, Optional[int]]:
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return code, status
-    return "", None
-
-
-def _safe_rel(rel: str) -> bool:
-    path = PurePosixPath(rel)
-    return bool(rel) and not path.is_absolute() and ".." not in path.parts and "" not in rel.split("/")
-
-
-class S3Store(CheckpointStore):
+class S3Store(S3LocalCache, CheckpointStore):
     """Checkpoint store in ``s3://bucket/prefix``; see the module docstring."""
 
     def __init__(self, uri: str, cache_dir: Path | str = Path(".lsbert-cache"), client: Any = None):
@@ -140,8 +83,8 @@ class S3Store(CheckpointStore):
         self.prefix = parts.path.strip("/")
         self.root = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self.cache_dir = Path(cache_dir)
-        self._client = client if client is not None else _make_client()
-        self._endpoint = _redact_url(getattr(self._client.meta, "endpoint_url", None))
+        self._client = client if client is not None else make_client()
+        self._endpoint = redact_url(getattr(self._client.meta, "endpoint_url", None))
         self._conditional_put: Optional[bool] = None  # learned on first use
         self._transfer = TransferConfig(multipart_threshold=64 * 1024 * 1024, max_concurrency=8)
 
@@ -165,7 +108,7 @@ class S3Store(CheckpointStore):
     def _secrets(self) -> list[str]:
         values = [os.environ.get(n) for n in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")]
         with contextlib.suppress(Exception):
-            creds = self._client._request_signer._credentials  # noqa: SLF001 (scrubbing only)
+            creds = self._client._request_signer._credentials
             if creds is not None:
                 frozen = creds.get_frozen_credentials()
                 values += [frozen.secret_key, frozen.token, frozen.access_key]
@@ -182,10 +125,10 @@ class S3Store(CheckpointStore):
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, (ClientError, BotoCoreError)):
                 exc = cause
-        code, status = _error_code(exc)
+        code, status = error_code(exc)
         if code == "NoSuchBucket":
             return StoreError(f"S3 bucket {self.bucket!r} does not exist ({action} {where} via {self._endpoint})")
-        if code in _DENIED or status == 403:
+        if code in DENIED or status == 403:
             return StoreError(
                 f"permission denied {action} {where} ({code or status}): check the S3 credentials and the "
                 f"bucket policy for this location"
@@ -215,7 +158,7 @@ class S3Store(CheckpointStore):
         try:
             return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except ClientError as exc:
-            code, status = _error_code(exc)
+            code, status = error_code(exc)
             if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
                 return None
             raise self._error(exc, "reading", key) from exc
@@ -241,14 +184,14 @@ class S3Store(CheckpointStore):
                 Bucket=self.bucket, Prefix=prefix, Delimiter="/"
             )
             for page in pages:
-                out.extend(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", []))
+                out.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "listing", prefix) from exc
         return out
 
     def _delete_keys(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
-            batch = keys[i:i + 1000]
+            batch = keys[i : i + 1000]
             resp = self._call(
                 "deleting",
                 batch[0],
@@ -274,10 +217,10 @@ class S3Store(CheckpointStore):
                 # Read back: guards against servers that accept the header but check it non-atomically.
                 return self._get(key) == body
             except ClientError as exc:
-                code, status = _error_code(exc)
+                code, status = error_code(exc)
                 if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
                     return False
-                if self._conditional_put is None and (code in _NO_CONDITIONAL or status in (400, 501)):
+                if self._conditional_put is None and (code in NO_CONDITIONAL or status in (400, 501)):
                     log.info("%s rejects conditional writes (%s); using read-then-write", self._endpoint, code)
                     self._conditional_put = False
                 else:
@@ -313,7 +256,7 @@ class S3Store(CheckpointStore):
             keys = {o["Key"] for o in self._list(base + name + "/")}
             pp = base + name + "/"
             if pp + POINTER_FILE in keys or any(
-                k.endswith("/" + METADATA_FILE) and VERSION_RE.match(k[len(pp):].split("/")[0] or "") for k in keys
+                k.endswith("/" + METADATA_FILE) and VERSION_RE.match(k[len(pp) :].split("/")[0] or "") for k in keys
             ):
                 out.append(int(name))
         return sorted(out)
@@ -322,7 +265,7 @@ class S3Store(CheckpointStore):
         pp = self._project_prefix(project)
         out = []
         for obj in objects:
-            rel = obj["Key"][len(pp):]
+            rel = obj["Key"][len(pp) :]
             version, _, rest = rel.partition("/")
             if rest == METADATA_FILE and VERSION_RE.match(version):
                 out.append(version)
@@ -360,14 +303,14 @@ class S3Store(CheckpointStore):
         pp = self._project_prefix(project)
         used = reserved = 0
         for obj in objects:
-            rel = obj["Key"][len(pp):]
+            rel = obj["Key"][len(pp) :]
             head, sep, _ = rel.partition("/")
             if sep:
                 seq = version_seq(head)
                 if seq is not None:
                     used = max(used, seq)
-            elif head.startswith(RESERVED_PREFIX) and head[len(RESERVED_PREFIX):].isdigit():
-                reserved = max(reserved, int(head[len(RESERVED_PREFIX):]))
+            elif head.startswith(RESERVED_PREFIX) and head[len(RESERVED_PREFIX) :].isdigit():
+                reserved = max(reserved, int(head[len(RESERVED_PREFIX) :]))
         return used, reserved
 
     def _reservation(self, project: int, seq: int, version: str) -> tuple[str, bytes]:
@@ -411,7 +354,7 @@ class S3Store(CheckpointStore):
                 Config=self._transfer,
             )
             self._fault(f"save:file:{rel}")
-        listed = {o["Key"][len(vp):]: o for o in self._list(vp)}
+        listed = {o["Key"][len(vp) :]: o for o in self._list(vp)}
         manifest: dict[str, dict[str, Any]] = {}
         for rel, path in files:
             obj = listed.get(rel)
@@ -436,8 +379,11 @@ class S3Store(CheckpointStore):
         except StoreError:
             previous = None  # a broken pointer is exactly what promote() repairs
         self._fault("promote:before-pointer")
-        self._put(self._project_prefix(project) + POINTER_FILE, pointer_bytes(version, previous),
-                  ContentType="application/json")
+        self._put(
+            self._project_prefix(project) + POINTER_FILE,
+            pointer_bytes(version, previous),
+            ContentType="application/json",
+        )
         self._fault("promote:after-pointer")
 
     def update_metadata(self, project: int, version: str, updates: dict[str, Any]) -> None:
@@ -450,7 +396,7 @@ class S3Store(CheckpointStore):
                 resp = self._client.get_object(Bucket=self.bucket, Key=key)
                 raw, etag = resp["Body"].read(), resp.get("ETag")
             except ClientError as exc:
-                code, status = _error_code(exc)
+                code, status = error_code(exc)
                 if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
                     raise VersionNotFound(
                         f"version {version} of project {project} not found or incomplete at {self._loc(key)}"
@@ -465,16 +411,17 @@ class S3Store(CheckpointStore):
             body = metadata_bytes(self._merge_metadata(current, updates))
             extra: dict[str, Any] = {"IfMatch": etag} if etag and self._conditional_put is not False else {}
             try:
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json",
-                                        **extra)
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", **extra)
                 return
             except ClientError as exc:
-                code, status = _error_code(exc)
+                code, status = error_code(exc)
                 if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
                     continue  # changed under us: merge again
                 if code in ("NoSuchKey",) or (status == 404 and code != "NoSuchBucket"):
-                    raise VersionNotFound(f"version {version} of project {project} was deleted at {self._loc(key)}")
-                if extra and (code in _NO_CONDITIONAL or status in (400, 501)):
+                    raise VersionNotFound(
+                        f"version {version} of project {project} was deleted at {self._loc(key)}"
+                    ) from None
+                if extra and (code in NO_CONDITIONAL or status in (400, 501)):
                     self._conditional_put = False
                     continue
                 raise self._error(exc, "writing", key) from exc
@@ -494,17 +441,18 @@ class S3Store(CheckpointStore):
         by_version: dict[str, list[dict[str, Any]]] = {}
         reservations: list[tuple[int, str]] = []
         for obj in objects:
-            head, sep, _ = obj["Key"][len(pp):].partition("/")
+            head, sep, _ = obj["Key"][len(pp) :].partition("/")
             if sep and VERSION_RE.match(head):
                 by_version.setdefault(head, []).append(obj)
-            elif not sep and head.startswith(RESERVED_PREFIX) and head[len(RESERVED_PREFIX):].isdigit():
-                reservations.append((int(head[len(RESERVED_PREFIX):]), obj["Key"]))
+            elif not sep and head.startswith(RESERVED_PREFIX) and head[len(RESERVED_PREFIX) :].isdigit():
+                reservations.append((int(head[len(RESERVED_PREFIX) :]), obj["Key"]))
         deleted = []
         for version in doomed:
             vp = pp + version + "/"
             # lsbert.json first: the version stops being complete in one step, then the rest goes.
-            self._call("deleting", vp + METADATA_FILE, self._client.delete_object,
-                       Bucket=self.bucket, Key=vp + METADATA_FILE)
+            self._call(
+                "deleting", vp + METADATA_FILE, self._client.delete_object, Bucket=self.bucket, Key=vp + METADATA_FILE
+            )
             self._delete_keys([o["Key"] for o in self._list(vp)])
             deleted.append(version)
             shutil.rmtree(self._cache_path(project, version), ignore_errors=True)
@@ -520,113 +468,3 @@ class S3Store(CheckpointStore):
         if len(reservations) > 1:
             self._delete_keys([k for _, k in reservations[:-1]])
         return deleted
-
-    # ---- local cache -----------------------------------------------------------------------------
-
-    def _cache_path(self, project: int, version: str) -> Path:
-        parts = [p for p in self.prefix.split("/") if p]
-        return self.cache_dir.joinpath(self.bucket, *parts, str(check_project(project)), check_version(version))
-
-    @staticmethod
-    def _same_save(cached: dict[str, Any], remote: dict[str, Any]) -> bool:
-        a, b = (cached.get(STORE_KEY) or {}).get("save_id"), (remote.get(STORE_KEY) or {}).get("save_id")
-        return a == b if (a or b) else cached == remote
-
-    def local_path(self, project: int, version: str) -> Path:
-        vp = self._version_prefix(project, version)
-        raw = self._get(vp + METADATA_FILE)
-        if raw is None:
-            raise VersionNotFound(
-                f"version {version} of project {project} not found or incomplete at {self._loc(vp + METADATA_FILE)}"
-            )
-        try:
-            remote = json.loads(raw)
-        except ValueError:
-            raise StoreError(f"corrupt checkpoint metadata {self._loc(vp + METADATA_FILE)}: not JSON") from None
-        target = self._cache_path(project, version)
-        cached = self._cached_metadata(target)
-        if cached is not None and self._same_save(cached, remote):
-            if (target / METADATA_FILE).read_bytes() != raw:  # metadata updated since: refresh it atomically
-                tmp = target / f".{METADATA_FILE}.tmp-{secrets.token_hex(4)}"
-                tmp.write_bytes(raw)
-                os.replace(tmp, target / METADATA_FILE)
-            return target
-        parent = target.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the checkpoint cache {parent}: {exc.strerror or exc}") from exc
-        self._clean_cache(parent)
-        tmp = parent / f"{PARTIAL_PREFIX}{version}-{secrets.token_hex(4)}"
-        try:
-            tmp.mkdir()
-            self._download(vp, remote, tmp)
-            self._fault("download:before-metadata")
-            (tmp / METADATA_FILE).write_bytes(raw)
-            self._install(tmp, target, remote)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self._fault("download:after-rename")
-        return target
-
-    @staticmethod
-    def _cached_metadata(target: Path) -> Optional[dict[str, Any]]:
-        try:
-            doc = json.loads((target / METADATA_FILE).read_bytes())
-        except (OSError, ValueError):
-            return None
-        return doc if isinstance(doc, dict) else None
-
-    def _download(self, vp: str, remote: dict[str, Any], tmp: Path) -> None:
-        listed = {o["Key"][len(vp):]: o for o in self._list(vp)}
-        manifest = (remote.get(STORE_KEY) or {}).get("files")
-        if not isinstance(manifest, dict):  # a version written by something else: take every object
-            manifest = {rel: {"size": o.get("Size")} for rel, o in listed.items() if rel != METADATA_FILE}
-        for rel in sorted(manifest):
-            want = manifest[rel] or {}
-            obj = listed.get(rel)
-            if not _safe_rel(rel):
-                raise StoreError(f"refusing unsafe object name {self._loc(vp + rel)}")
-            if obj is None:
-                raise StoreError(f"checkpoint {self._loc(vp)} is missing {rel} (listed in its {METADATA_FILE})")
-            etag = str(obj.get("ETag", "")).strip('"')
-            if (want.get("size") is not None and obj.get("Size") != want["size"]) or (
-                want.get("etag") and etag and want["etag"] != etag
-            ):
-                raise StoreError(f"checkpoint object {self._loc(vp + rel)} does not match its {METADATA_FILE}")
-            dst = tmp.joinpath(*rel.split("/"))
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            self._call("downloading", vp + rel, self._client.download_file,
-                       Bucket=self.bucket, Key=vp + rel, Filename=str(dst), Config=self._transfer)
-            if want.get("size") is not None and dst.stat().st_size != want["size"]:
-                raise StoreError(f"download of {self._loc(vp + rel)} is truncated")
-            self._fault(f"download:file:{rel}")
-
-    def _install(self, tmp: Path, target: Path, remote: dict[str, Any]) -> None:
-        """Rename the finished download into place (replacing a stale copy), tolerating a concurrent winner."""
-        stale = None
-        if target.exists():
-            stale = target.parent / f"{STALE_CACHE_PREFIX}{target.name}-{secrets.token_hex(4)}"
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(target, stale)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            cached = self._cached_metadata(target)
-            if cached is None or not self._same_save(cached, remote):
-                raise StoreError(f"could not install the downloaded checkpoint at {target}") from None
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same download first
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
-
-    @staticmethod
-    def _clean_cache(parent: Path) -> None:
-        """Drop abandoned partial downloads (a killed process) and stale copies."""
-        now = time.time()
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(parent):
-                if entry.name.startswith(STALE_CACHE_PREFIX) or (
-                    entry.name.startswith(PARTIAL_PREFIX) and now - _newest_mtime(Path(entry.path)) > STALE_AFTER_S
-                ):
-                    shutil.rmtree(entry.path, ignore_errors=True)

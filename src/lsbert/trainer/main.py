@@ -26,7 +26,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 from lsbert.labelconfig import ClassificationSpec, LabelConfigError, parse_label_config
 from lsbert.settings import Settings, SettingsError, load_settings
-from lsbert.store.base import CheckpointStore, StoreError, check_version, open_store, utc_now
+from lsbert.store import CheckpointStore, StoreError, open_store
+from lsbert.store.base import check_version, utc_now
 
 log = logging.getLogger("lsbert.trainer")
 
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="PRECISION")
     over.add_argument("--threads", type=int, help="TORCH_THREADS (0 = every core the container may use)")
     over.add_argument(
-        "--train-embeddings", action="store_true",
+        "--train-embeddings",
+        action="store_true",
         help="also fine-tune the input word embeddings (slower; frozen by default, see trainer/loop.py)",
     )
     parser.add_argument(
@@ -232,21 +234,6 @@ def _load_data(args, settings: Settings, progress: Progress) -> tuple[list[Any],
     return tasks, config
 
 
-def promotion_record(
-    decision, no_promote: bool, serving_at_start: Optional[str], serving_now: Optional[str], serving: dict[str, Any]
-) -> dict[str, Any]:
-    """The ``promotion`` section of lsbert.json: the gate's decision (``eligible``) and what is done
-    (``promoted``): nothing with --no-promote, nor when another run promoted a version meanwhile (the
-    comparison was against a model that no longer serves)."""
-    promote, reason = decision.promoted, decision.reason
-    if promote and no_promote:
-        promote, reason = False, f"--no-promote (the gate would promote: {decision.reason})"
-    elif promote and serving_now != serving_at_start:
-        promote, reason = False, f"the promoted version changed during training ({serving_at_start} -> {serving_now})"
-    return {**decision.as_dict(), "promoted": promote, "eligible": decision.promoted, "reason": reason,
-            "serving": serving}
-
-
 def _reserve_version(args, settings: Settings, store: CheckpointStore) -> str:
     if not args.version:
         return store.next_version(args.project, settings.finetuned_model_name)
@@ -254,60 +241,6 @@ def _reserve_version(args, settings: Settings, store: CheckpointStore) -> str:
     if any(info.version == version for info in store.versions(args.project)):
         raise TrainingError(f"version {version} of project {args.project} already exists in {settings.model_dir}")
     return version
-
-
-@dataclass
-class Evaluation:
-    metrics: dict[str, Any]
-    serving_metrics: Optional[dict[str, Any]]
-    serving: dict[str, Any]  # {"kind", "version"[, "note"]} of the model compared with
-    seconds: float
-
-    @property
-    def score(self) -> Optional[float]:
-        return self.metrics.get("macro_f1")
-
-    @property
-    def serving_score(self) -> Optional[float]:
-        return self.serving_metrics["macro_f1"] if self.serving_metrics else None
-
-
-def _evaluate(ctx: dict[str, Any], model, tokenizer, validation, progress: Progress) -> Evaluation:
-    """The new model, then the serving one, on the same validation examples."""
-    from lsbert.trainer.loop import predict_proba
-    from lsbert.trainer.metrics import classification_metrics, predicted_labels
-    from lsbert.trainer.promotion import evaluate_serving
-
-    started = time.perf_counter()
-    spec: ClassificationSpec = ctx["spec"]
-    if not validation:
-        return Evaluation({}, None, {"kind": None, "version": None}, 0.0)
-    proba = predict_proba(
-        model, tokenizer, [e.text for e in validation], spec.multi_label, ctx["runtime"], ctx["max_length"]
-    )
-    predicted = predicted_labels(proba, ctx["labels"], spec.multi_label)
-    metrics = classification_metrics([e.labels for e in validation], predicted, spec.labels, spec.multi_label)
-    progress(
-        f"eval: new model accuracy {metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f} "
-        f"on {len(validation)} examples"
-    )
-    for label, row in metrics["per_label"].items():
-        progress(
-            f"eval:   {label}: precision {row['precision']:.3f} recall {row['recall']:.3f} "
-            f"f1 {row['f1']:.3f} support {row['support']}"
-        )
-    serving = evaluate_serving(
-        ctx["store"], ctx["project"], ctx["serving_version"], spec, validation, ctx["runtime"],
-        ctx["base_model"], ctx["max_length"], ctx["token"],
-    )
-    described = {"kind": serving.kind, "version": serving.version}
-    if serving.note:
-        described["note"] = serving.note
-    progress(
-        f"eval: serving model ({serving.describe()}) accuracy {serving.metrics['accuracy']:.4f} "
-        f"macro-F1 {serving.metrics['macro_f1']:.4f}"
-    )
-    return Evaluation(metrics, serving.metrics, described, time.perf_counter() - started)
 
 
 def staging_root(cache_dir: str) -> Path:
@@ -321,8 +254,17 @@ def staging_root(cache_dir: str) -> Path:
     return root
 
 
-def _publish(store: CheckpointStore, project: int, version: str, model, tokenizer, metadata: dict[str, Any],
-             keep: int, progress: Progress, staging: Optional[Path] = None) -> None:
+def _publish(
+    store: CheckpointStore,
+    project: int,
+    version: str,
+    model,
+    tokenizer,
+    metadata: dict[str, Any],
+    keep: int,
+    progress: Progress,
+    staging: Optional[Path] = None,
+) -> None:
     """Save the version (lsbert.json last), then move the pointer if promoted, then prune."""
     promotion = metadata["promotion"]
     with tempfile.TemporaryDirectory(prefix=f"lsbert-train-{project}-", dir=staging) as tmp:
@@ -355,9 +297,10 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     import torch
 
     from lsbert.gpu import check_cuda
+    from lsbert.model.runtime import select_runtime
     from lsbert.modelsource import resolve
-    from lsbert.predictor.engine import select_runtime
     from lsbert.trainer.dataset import build_examples, label_counts, split_examples
+    from lsbert.trainer.evaluation import evaluate, promotion_record
     from lsbert.trainer.loop import Hyperparameters, available_cores, fine_tune, load_for_training
     from lsbert.trainer.promotion import decide
 
@@ -374,14 +317,14 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     examples, report = build_examples(tasks, spec)
     download_s = time.perf_counter() - t0
     progress(
-        f"data: {report.tasks} tasks -> {report.examples} examples for <Choices name=\"{spec.from_name}\"> on "
+        f'data: {report.tasks} tasks -> {report.examples} examples for <Choices name="{spec.from_name}"> on '
         f"${spec.data_key} ({'multi' if spec.multi_label else 'single'}-label, {len(spec.labels)} labels)"
     )
     progress(f"data: label counts: {_counts(report.label_counts)}")
     progress(f"data: skipped tasks: {_counts(report.skipped)}")
     if not examples:
         raise NoTrainingData(
-            f"project {project} has no usable annotated tasks for <Choices name=\"{spec.from_name}\"> "
+            f'project {project} has no usable annotated tasks for <Choices name="{spec.from_name}"> '
             f"(skipped: {_counts(report.skipped)})"
         )
     train, validation = split_examples(examples, settings.validation_fraction, settings.seed)
@@ -427,12 +370,23 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     )
 
     # --- evaluate and decide ------------------------------------------------------------------------
-    ctx = {"store": store, "project": project, "serving_version": serving_version, "spec": spec,
-           "labels": start.labels, "runtime": runtime, "max_length": result.max_length,
-           "base_model": base_model, "token": token}
-    evaluation = _evaluate(ctx, model, tokenizer, validation, progress)
+    ctx = {
+        "store": store,
+        "project": project,
+        "serving_version": serving_version,
+        "spec": spec,
+        "labels": start.labels,
+        "runtime": runtime,
+        "max_length": result.max_length,
+        "base_model": base_model,
+        "token": token,
+        "threshold": settings.multi_label_threshold,
+    }
+    evaluation = evaluate(ctx, model, tokenizer, validation, progress)
     decision = decide(evaluation.score, evaluation.serving_score, settings.promotion_margin, len(validation))
-    promotion = promotion_record(decision, args.no_promote, serving_version, store.promoted(project), evaluation.serving)
+    promotion = promotion_record(
+        decision, args.no_promote, serving_version, store.promoted(project), evaluation.serving
+    )
 
     metadata = {
         "format": METADATA_FORMAT,
@@ -478,8 +432,17 @@ def run(args: argparse.Namespace, settings: Settings, progress: Progress) -> dic
     }
 
     # --- save, promote, prune ----------------------------------------------------------------------
-    _publish(store, project, version, model, tokenizer, metadata, settings.keep_versions, progress,
-             staging_root(settings.cache_dir))
+    _publish(
+        store,
+        project,
+        version,
+        model,
+        tokenizer,
+        metadata,
+        settings.keep_versions,
+        progress,
+        staging_root(settings.cache_dir),
+    )
     progress(f"done in {time.perf_counter() - t0:.1f}s")
     return metadata
 
@@ -518,8 +481,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:
         log.debug("training run failed", exc_info=True)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        kind = "" if isinstance(exc, (TrainingError, LabelConfigError)) or _is_data_error(exc) \
-            or type(exc).__name__ == "CudaUnavailable" else f"{type(exc).__name__}: "
+        quiet = (
+            isinstance(exc, (TrainingError, LabelConfigError))
+            or _is_data_error(exc)
+            or type(exc).__name__ == "CudaUnavailable"
+        )
+        kind = "" if quiet else f"{type(exc).__name__}: "
         print(f"lsbert train: error: {kind}{message or type(exc).__name__}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     return EXIT_OK

@@ -2,7 +2,8 @@
 
 Single-label: accuracy and macro-F1, plus precision/recall/F1/support per label.
 Multi-label: subset accuracy (every label of an example right), micro- and macro-F1, per label the same
-four numbers; predictions come from probabilities with a 0.5 threshold.
+four numbers. Predictions are label names (``lsbert.model.decision`` turns probabilities into them with
+the serving threshold).
 
 Macro averages run over the labels that occur in the truth or in the predictions (scikit-learn's default
 when no label list is given): a label absent from both says nothing about the model and would only drag
@@ -12,10 +13,6 @@ every model's score down alike. A precision or recall with a zero denominator co
 from __future__ import annotations
 
 from typing import Any, Collection, Optional, Sequence
-
-import numpy as np
-
-THRESHOLD = 0.5
 
 
 def _ratio(num: float, den: float) -> float:
@@ -115,24 +112,10 @@ def multi_label_metrics(
     }
 
 
-def predicted_labels(
-    proba: np.ndarray, labels: Sequence[str], multi_label: bool, threshold: float = THRESHOLD
-) -> list[tuple[str, ...]]:
-    """Label names from a (examples × labels) probability matrix: argmax, or every label ≥ threshold."""
-    proba = np.asarray(proba, dtype=np.float32)
-    if proba.ndim != 2 or (len(proba) and proba.shape[1] != len(labels)):
-        raise ValueError(f"expected an (n, {len(labels)}) probability matrix, got shape {proba.shape}")
-    if multi_label:
-        return [tuple(labels[j] for j in np.flatnonzero(row >= threshold)) for row in proba]
-    return [(labels[int(j)],) for j in proba.argmax(axis=1)] if len(proba) else []
-
-
 def classification_metrics(
     y_true: Sequence[Sequence[str]], y_pred: Sequence[Sequence[str]], labels: Sequence[str], multi_label: bool
 ) -> dict[str, Any]:
     """Metrics for label tuples (one per example): multi-label metrics, or single-label on the first label."""
     if multi_label:
         return multi_label_metrics(y_true, y_pred, labels)
-    return single_label_metrics(
-        [t[0] for t in y_true], [p[0] if p else None for p in y_pred], labels
-    )
+    return single_label_metrics([t[0] for t in y_true], [p[0] if p else None for p in y_pred], labels)

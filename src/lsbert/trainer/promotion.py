@@ -20,18 +20,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from lsbert.labelconfig import ClassificationSpec
-from lsbert.predictor.engine import Runtime, SequenceClassifier, ZeroShotClassifier, release_memory
-from lsbert.store.base import CheckpointStore, StoreError
+from lsbert.model import ModelKind
+from lsbert.model.decision import choose
+from lsbert.model.engine import SequenceClassifier, ZeroShotClassifier
+from lsbert.model.runtime import Runtime, release_memory
+from lsbert.store import CheckpointStore, StoreError
 from lsbert.trainer.dataset import Example
-from lsbert.trainer.metrics import THRESHOLD, classification_metrics
+from lsbert.trainer.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
 SCORE = "macro_f1"
 NO_VALIDATION = "no validation data"
-
-FINETUNED = "finetuned"
-ZEROSHOT = "zeroshot"
 
 
 @dataclass(frozen=True)
@@ -58,18 +58,22 @@ def decide(
     if score + 1e-9 >= serving_score - margin:
         relation = "above" if score > serving_score else "at least" if score >= serving_score else "within margin of"
         return PromotionDecision(
-            True, f"{SCORE} {score:.4f} {relation} serving {serving_score:.4f} (margin {margin:g})",
-            score, serving_score, margin,
+            True,
+            f"{SCORE} {score:.4f} {relation} serving {serving_score:.4f} (margin {margin:g})",
+            score,
+            serving_score,
+            margin,
         )
     return PromotionDecision(
-        False, f"{SCORE} {score:.4f} below serving {serving_score:.4f} - margin {margin:g}",
-        score, serving_score, margin,
+        False,
+        f"{SCORE} {score:.4f} below serving {serving_score:.4f} - margin {margin:g}",
+        score,
+        serving_score,
+        margin,
     )
 
 
-def restrict_proba(
-    proba: np.ndarray, model_labels: Sequence[str], labels: Sequence[str]
-) -> np.ndarray:
+def restrict_proba(proba: np.ndarray, model_labels: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     """Columns of ``proba`` (over ``model_labels``) re-ordered to ``labels``; a current label the model
     does not know gets probability 0, a model label the config dropped is left out."""
     proba = np.asarray(proba, dtype=np.float32)
@@ -82,18 +86,19 @@ def restrict_proba(
 
 
 def predictions_for(
-    proba: np.ndarray, labels: Sequence[str], multi_label: bool, model_multi_label: bool
+    proba: np.ndarray, labels: Sequence[str], multi_label: bool, model_multi_label: bool, threshold: float
 ) -> list[tuple[str, ...]]:
     """Label tuples from restricted probabilities, whichever kind of head produced them.
 
-    A sigmoid head thresholds; a softmax head (or a single-label config) takes the argmax of the labels
-    still in the config. A row with no known label at all predicts nothing (a miss)."""
+    A sigmoid head thresholds (at the serving ``MULTI_LABEL_THRESHOLD``); a softmax head (or a single-label
+    config) takes the argmax of the labels still in the config. A row with no known label at all predicts
+    nothing (a miss)."""
     out: list[tuple[str, ...]] = []
     for row in proba:
         if multi_label and model_multi_label:
-            out.append(tuple(labels[j] for j in np.flatnonzero(row >= THRESHOLD)))
+            out.append(choose(row, labels, True, threshold))
         elif row.size and row.max() > 0:
-            out.append((labels[int(row.argmax())],))
+            out.append(choose(row, labels, False, threshold))
         else:
             out.append(())
     return out
@@ -101,30 +106,45 @@ def predictions_for(
 
 @dataclass
 class ServingEvaluation:
-    kind: str  # FINETUNED or ZEROSHOT
+    kind: ModelKind
     version: Optional[str]
     metrics: dict[str, Any]
     note: Optional[str] = None
 
     def describe(self) -> str:
-        return f"{self.kind} {self.version}" if self.version else self.kind
+        return f"{self.kind.value} {self.version}" if self.version else self.kind.value
 
 
-def _score_finetuned(path, runtime: Runtime, spec: ClassificationSpec, validation: Sequence[Example], max_length: int):
+def _score_finetuned(
+    path: Any,
+    runtime: Runtime,
+    spec: ClassificationSpec,
+    validation: Sequence[Example],
+    max_length: int,
+    threshold: float,
+) -> list[tuple[str, ...]]:
     classifier = SequenceClassifier(path, runtime, max_length=max_length)
     try:
         proba = classifier.predict_proba([e.text for e in validation])
         proba = restrict_proba(proba, classifier.labels, spec.labels)
-        return predictions_for(proba, spec.labels, spec.multi_label, classifier.multi_label)
+        return predictions_for(proba, spec.labels, spec.multi_label, classifier.multi_label, threshold)
     finally:
         classifier.release()
 
 
-def _score_zeroshot(name: str, runtime: Runtime, spec: ClassificationSpec, validation, max_length: int, token):
+def _score_zeroshot(
+    name: str,
+    runtime: Runtime,
+    spec: ClassificationSpec,
+    validation: Sequence[Example],
+    max_length: int,
+    token: Optional[str],
+    threshold: float,
+) -> list[tuple[str, ...]]:
     classifier = ZeroShotClassifier(name, runtime, max_length=max_length, token=token)
     try:
         proba = classifier.predict_proba([e.text for e in validation], spec.labels, spec.multi_label)
-        return predictions_for(proba, spec.labels, spec.multi_label, spec.multi_label)
+        return predictions_for(proba, spec.labels, spec.multi_label, spec.multi_label, threshold)
     finally:
         del classifier
         release_memory()
@@ -140,8 +160,11 @@ def evaluate_serving(
     baseline_model: str,
     max_length: int = 0,
     token: Optional[str] = None,
+    *,
+    threshold: float,
 ) -> ServingEvaluation:
-    """Score the model serving ``project`` now on ``validation``.
+    """Score the model serving ``project`` now on ``validation`` (multi-label decisions at ``threshold``,
+    the serving ``MULTI_LABEL_THRESHOLD``).
 
     A promoted checkpoint that cannot be loaded is not serving either (the predictor falls back to the
     zero-shot baseline then), so the baseline is scored instead and the reason recorded."""
@@ -150,13 +173,15 @@ def evaluate_serving(
     if serving_version is not None:
         try:
             path = store.local_path(project, serving_version)
-            predicted = _score_finetuned(path, runtime, spec, validation, max_length)
+            predicted = _score_finetuned(path, runtime, spec, validation, max_length, threshold)
             return ServingEvaluation(
-                FINETUNED, serving_version, classification_metrics(truth, predicted, spec.labels, spec.multi_label)
+                ModelKind.FINETUNED,
+                serving_version,
+                classification_metrics(truth, predicted, spec.labels, spec.multi_label),
             )
         except (StoreError, OSError, ValueError, KeyError) as exc:
             note = f"promoted version {serving_version} could not be evaluated ({type(exc).__name__}: {exc})"
             log.warning("%s; comparing with the zero-shot baseline instead", note)
-    predicted = _score_zeroshot(baseline_model, runtime, spec, validation, max_length, token)
+    predicted = _score_zeroshot(baseline_model, runtime, spec, validation, max_length, token, threshold)
     metrics = classification_metrics(truth, predicted, spec.labels, spec.multi_label)
-    return ServingEvaluation(ZEROSHOT, None, metrics, note)
+    return ServingEvaluation(ModelKind.ZEROSHOT, None, metrics, note)

@@ -104,7 +104,10 @@ class LabelStudioSource:
                 raise _api_error(exc, f"export project {project}") from None
             log.info("project export unavailable (HTTP 404); reading tasks through the tasks API")
         try:
-            return [self._task_dict(task) for task in self.client.tasks.list(project=project, fields="all", only_annotated=True)]
+            return [
+                self._task_dict(task)
+                for task in self.client.tasks.list(project=project, fields="all", only_annotated=True)
+            ]
         except Exception as exc:
             raise _api_error(exc, f"list the tasks of project {project}") from None
 

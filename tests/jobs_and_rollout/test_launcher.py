@@ -1,13 +1,12 @@
 """KubernetesLauncher on the real control plane (tests/k8s): real API server with RBAC and admission, the real
 Job controller and scheduler, kwok playing the kubelet. The launcher always acts as a ServiceAccount bound to
-exactly the Role jobs/README.md documents (tests/kubernetes/conftest.py)."""
+exactly the Role jobs/README.md documents (tests/jobs_and_rollout/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import threading
-import time
 
 import pytest
 from kubernetes import client
@@ -23,8 +22,8 @@ from tests.k8s.cluster import (
     CPU_NODE,
     GPU_NODE,
     LABEL_FAIL,
-    wait_until,
 )
+from tests.support.polling import until, wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -34,8 +33,10 @@ GPU_VALUES = {
     "image": IMAGE,
     "resources": {"requests": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": 1}},
     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-    "env": [{"name": "LABEL_STUDIO_API_KEY", "valueFrom": {"secretKeyRef": {"name": "ls", "key": "token"}}},
-            {"name": "MODEL_DIR", "value": "/models"}],
+    "env": [
+        {"name": "LABEL_STUDIO_API_KEY", "valueFrom": {"secretKeyRef": {"name": "ls", "key": "token"}}},
+        {"name": "MODEL_DIR", "value": "/models"},
+    ],
     "volumes": [{"name": "models", "emptyDir": {}}],
     "volumeMounts": [{"name": "models", "mountPath": "/models"}],
 }
@@ -78,7 +79,7 @@ def test_gpu_job_runs_on_the_gpu_node_and_succeeds(launcher_ns):
 
     (job,) = jobs(launcher_ns, 3)
     assert job.metadata.labels["lsbert.io/version"] == "ft-0001"
-    assert job.spec.backoff_limit == 1 and job.spec.ttl_seconds_after_finished == 86400
+    assert job.spec.backoff_limit == 2 and job.spec.ttl_seconds_after_finished == 86400
     (pod,) = pods_of(launcher_ns, run.run_id)
     assert pod.spec.node_name == GPU_NODE
     (container,) = pod.spec.containers
@@ -105,7 +106,8 @@ def test_cpu_job_without_gpu_lands_on_the_cpu_node(launcher_ns):
 
 def test_failed_job_reports_reason_exit_code_and_last_log_line(launcher_ns, control_plane):
     values = {
-        "image": IMAGE, "backoffLimit": 0,
+        "image": IMAGE,
+        "backoffLimit": 0,
         "podLabels": {LABEL_FAIL: "true"},
         "podAnnotations": {ANNOTATION_DURATION: "3s", ANNOTATION_EXIT_CODE: "3", ANNOTATION_MESSAGE: "termination"},
     }
@@ -117,11 +119,16 @@ def test_failed_job_reports_reason_exit_code_and_last_log_line(launcher_ns, cont
         control_plane.set_pod_log(launcher_ns.name, pod.metadata.name, text)
         with launcher_ns.admin() as api:
             core = client.CoreV1Api(api)
-            wait_until(lambda: core.read_namespaced_pod_log(pod.metadata.name, launcher_ns.name) == text, 15,
-                       "kwok to serve the pod log", 0.2)
+            wait_until(
+                lambda: core.read_namespaced_pod_log(pod.metadata.name, launcher_ns.name) == text,
+                15,
+                "kwok to serve the pod log",
+                0.2,
+            )
         poll_until_finished(launcher, run)
     assert run.phase is RunPhase.FAILED
-    assert run.message.startswith("BackoffLimitExceeded: ")
+    # The template's podFailurePolicy fails the Job at the trainer's first non-zero exit (no retries).
+    assert run.message.startswith("PodFailurePolicy: ")
     assert "exit code 3" in run.message
     assert run.message.endswith("TrainingError: no labelled tasks in project 7")
     assert run.finished_at is not None
@@ -130,10 +137,18 @@ def test_failed_job_reports_reason_exit_code_and_last_log_line(launcher_ns, cont
 def test_forbidden_requests_are_refused_and_surface_clearly(launcher_ns):
     with launcher_ns.sa_client() as sa:
         apps, core = client.AppsV1Api(sa), client.CoreV1Api(sa)
-        deployment = client.V1Deployment.from_dict({
-            "metadata": {"name": "sneaky"},
-            "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
-                "metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": IMAGE}]}}}})
+        deployment = client.V1Deployment.from_dict(
+            {
+                "metadata": {"name": "sneaky"},
+                "spec": {
+                    "selector": {"matchLabels": {"a": "b"}},
+                    "template": {
+                        "metadata": {"labels": {"a": "b"}},
+                        "spec": {"containers": [{"name": "c", "image": IMAGE}]},
+                    },
+                },
+            }
+        )
         with pytest.raises(ApiException) as exc:
             apps.create_namespaced_deployment(launcher_ns.name, deployment)
         assert exc.value.status == 403
@@ -201,7 +216,7 @@ def test_racing_replicas_end_with_one_active_job(launcher_ns):
         barrier = threading.Barrier(len(launchers))
         runs: list = [None] * len(launchers)
 
-        def go(i):
+        def go(i, project=project, barrier=barrier, runs=runs):
             barrier.wait()
             runs[i] = launchers[i].launch(project, f"ft-{i + 1:04d}", [])
 
@@ -237,8 +252,9 @@ def test_scheduler_start_training_job_success_on_finished_cycle(launcher_ns, tmp
 
     async def scenario(sa):
         launcher = KubernetesLauncher(sa, launcher_ns.name, values=values, release="lsbert")
-        scheduler = TrainingScheduler(launcher, store, every_n_updates=0, version_name="ft", poll_seconds=0.2,
-                                      on_finished=on_finished)
+        scheduler = TrainingScheduler(
+            launcher, store, every_n_updates=0, version_name="ft", poll_seconds=0.2, on_finished=on_finished
+        )
         answer = await scheduler.handle_event("START_TRAINING", 4, {"project": {"id": 4}})
         assert answer["status"] in ("started", "accepted"), answer
         await until(lambda: scheduler.status().get("4", {}).get("active"))
@@ -255,8 +271,14 @@ def test_scheduler_start_training_job_success_on_finished_cycle(launcher_ns, tmp
         slow_values = {"image": IMAGE, "podAnnotations": {ANNOTATION_DURATION: "4s"}}
         slow = KubernetesLauncher(sa, launcher_ns.name, values=slow_values, release="lsbert")
         run = slow.launch(9, store.next_version(9, "ft"), [])  # another replica's run of project 9
-        restarted = TrainingScheduler(KubernetesLauncher(sa, launcher_ns.name, values=values, release="lsbert"), store,
-                                      every_n_updates=0, version_name="ft", poll_seconds=0.2, on_finished=on_finished)
+        restarted = TrainingScheduler(
+            KubernetesLauncher(sa, launcher_ns.name, values=values, release="lsbert"),
+            store,
+            every_n_updates=0,
+            version_name="ft",
+            poll_seconds=0.2,
+            on_finished=on_finished,
+        )
         answer = await restarted.handle_event("START_TRAINING", 9, {"project": {"id": 9}})
         assert answer == {"status": "queued", "project": 9, "job": run.run_id}
         await until(lambda: len(finished) == 4, 60)  # the adopted run, then the one follow-up
@@ -267,14 +289,6 @@ def test_scheduler_start_training_job_success_on_finished_cycle(launcher_ns, tmp
         asyncio.run(scenario(sa))
     names = sorted(j.metadata.name for j in jobs(launcher_ns))
     assert names == ["lsbert-train-p4-0001", "lsbert-train-p4-0002", "lsbert-train-p9-0001", "lsbert-train-p9-0002"]
-
-
-async def until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 def test_job_body_round_trips_through_the_api_server(launcher_ns):
@@ -303,7 +317,7 @@ def test_from_environment_with_kubeconfig_and_lsbert_status(launcher_ns, tmp_pat
 
     import yaml
 
-    from lsbert.predictor.server import make_launcher
+    from lsbert.serve import make_launcher
     from lsbert.settings import load_settings
 
     kubeconfig = launcher_ns.cp.service_account_kubeconfig(launcher_ns.name, launcher_ns.service_account)
@@ -324,8 +338,13 @@ def test_from_environment_with_kubeconfig_and_lsbert_status(launcher_ns, tmp_pat
 
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("POD_NAMESPACE", "KUBERNETES_SERVICE_HOST")}
     env["KUBECONFIG"] = str(kubeconfig)
-    res = subprocess.run([sys.executable, "-m", "lsbert", "status", "--kubernetes", "--url", "http://127.0.0.1:9"],
-                         capture_output=True, text=True, env=env, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "lsbert", "status", "--kubernetes", "--url", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert res.returncode == 1, res.stderr  # the predictor is not running; the Jobs are listed all the same
     line = next(line for line in res.stdout.splitlines() if "demo-train-p11-0001" in line)
     assert line.split()[1:4] == ["11", "ft-0001", "succeeded"], res.stdout

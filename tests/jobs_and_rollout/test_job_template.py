@@ -14,8 +14,8 @@ import yaml
 from kubernetes import client
 
 from lsbert.launcher import jobspec
-from lsbert.launcher.kubernetes import KubernetesLauncher
 from lsbert.launcher.base import LaunchError, RunPhase
+from lsbert.launcher.kubernetes import KubernetesLauncher
 from lsbert.rollout import kserve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 def kubernetes_validate():
     return pytest.importorskip("kubernetes_validate")  # a test extra (pyproject: kubernetes-validate==1.37.0)
 
+
 FULL_VALUES = {
     "image": "registry.example.com/lsbert/trainer:0.1.0",
     "imagePullPolicy": "IfNotPresent",
@@ -33,8 +34,15 @@ FULL_VALUES = {
     "resources": {"requests": {"cpu": 4, "memory": "16Gi", "nvidia.com/gpu": 1}, "limits": {"memory": "24Gi"}},
     "nodeSelector": {"nvidia.com/gpu.present": True, "pool": "gpu"},
     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}
+                ]
+            }
+        }
+    },
     "env": [
         {"name": "MODEL_DIR", "value": "/models"},
         {"name": "NUM_TRAIN_EPOCHS", "value": 3},
@@ -42,8 +50,10 @@ FULL_VALUES = {
         {"name": "PYTHONUNBUFFERED", "value": "0"},
     ],
     "envFrom": [{"configMapRef": {"name": "lsbert-env"}}, {"secretRef": {"name": "lsbert-s3", "optional": True}}],
-    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "lsbert-models"}},
-                {"name": "cache", "emptyDir": {"sizeLimit": "20Gi"}}],
+    "volumes": [
+        {"name": "models", "persistentVolumeClaim": {"claimName": "lsbert-models"}},
+        {"name": "cache", "emptyDir": {"sizeLimit": "20Gi"}},
+    ],
     "volumeMounts": [{"name": "models", "mountPath": "/models"}, {"name": "cache", "mountPath": "/cache"}],
     "podLabels": {"team": "ml", "app.kubernetes.io/name": "not-allowed-to-win"},
     "podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": False},
@@ -57,8 +67,9 @@ FULL_VALUES = {
 
 def render(values=None, *, release="lsbert", project=3, version="ft-0004", args=()):
     vals = jobspec.parse_job_values(values or {"image": "img:1"})
-    return jobspec.render_job(jobspec.load_template(), vals, release=release, namespace="ml", project=project,
-                          version=version, args=args)
+    return jobspec.render_job(
+        jobspec.load_template(), vals, release=release, namespace="ml", project=project, version=version, args=args
+    )
 
 
 @pytest.mark.parametrize("kube", ["1.36.0", "1.37.0"])
@@ -74,7 +85,7 @@ def test_schema_validation_catches_what_the_launcher_must_not_send(kubernetes_va
     body["spec"]["template"]["spec"]["containers"][0]["bogusField"] = 1
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(body, "1.36.0", strict=True)
-    with pytest.raises(LaunchError, match="unknown field.*bogusField"):
+    with pytest.raises(LaunchError, match=r"unknown field.*bogusField"):
         jobspec.to_v1_job(body)
 
 
@@ -97,17 +108,24 @@ def test_default_job_shape():
     job = render(args=["--epochs", "2"])
     meta, spec = job["metadata"], job["spec"]
     assert meta["name"] == "lsbert-train-p3-0004" and meta["namespace"] == "ml"
-    want = {"app.kubernetes.io/name": "lsbert", "app.kubernetes.io/component": "trainer",
-            "app.kubernetes.io/instance": "lsbert", "lsbert.io/release": "lsbert", "lsbert.io/project": "3",
-            "lsbert.io/version": "ft-0004"}
+    want = {
+        "app.kubernetes.io/name": "lsbert",
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/instance": "lsbert",
+        "lsbert.io/release": "lsbert",
+        "lsbert.io/project": "3",
+        "lsbert.io/version": "ft-0004",
+    }
     assert want.items() <= meta["labels"].items()
     assert want.items() <= spec["template"]["metadata"]["labels"].items()
     assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (2, 21600, 86400)
     # Disruptions (preemption, drain) are retried without counting; the trainer's own failure is final.
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert rules[1] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn",
-                                                              "values": [0]}}
+    assert rules[1] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "NotIn", "values": [0]},
+    }
     assert spec["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
     assert "ownerReferences" not in meta
     pod = spec["template"]["spec"]
@@ -151,11 +169,14 @@ def test_values_are_merged():
     assert pod["securityContext"]["fsGroup"] == 2000 and pod["securityContext"]["runAsNonRoot"] is True
 
 
-@pytest.mark.parametrize("release,project,version,expected", [
-    ("lsbert", 3, "ft-0004", "lsbert-train-p3-0004"),
-    ("My_Release", 12, "finetuned_model-0123", "my-release-train-p12-0123"),
-    ("x" * 80, 123456789, "ft-12345", "x" * (63 - len("-train-p123456789-12345")) + "-train-p123456789-12345"),
-])
+@pytest.mark.parametrize(
+    "release,project,version,expected",
+    [
+        ("lsbert", 3, "ft-0004", "lsbert-train-p3-0004"),
+        ("My_Release", 12, "finetuned_model-0123", "my-release-train-p12-0123"),
+        ("x" * 80, 123456789, "ft-12345", "x" * (63 - len("-train-p123456789-12345")) + "-train-p123456789-12345"),
+    ],
+)
 def test_job_names_are_deterministic_dns_labels(release, project, version, expected):
     name = jobspec.job_name(release, project, version)
     assert name == expected
@@ -173,16 +194,19 @@ def test_long_versions_keep_a_valid_label_and_the_exact_annotation(kubernetes_va
     kubernetes_validate.validate(job, "1.36.0", strict=True)
 
 
-@pytest.mark.parametrize("raw,message", [
-    ({}, "'image'"),
-    ({"image": "i", "tolerations": {"key": "x"}}, "tolerations must be a list"),
-    ({"image": "i", "imagePullPolicy": "Sometimes"}, "imagePullPolicy"),
-    ({"image": "i", "backoffLimit": "1"}, "backoffLimit must be an integer"),
-    ({"image": "i", "activeDeadlineSeconds": 0}, "activeDeadlineSeconds"),
-    ({"image": "i", "resource": {}}, "unknown key"),
-    ({"image": "i", "env": [{"value": "x"}]}, "needs a name"),
-    ([], "mapping"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({}, "'image'"),
+        ({"image": "i", "tolerations": {"key": "x"}}, "tolerations must be a list"),
+        ({"image": "i", "imagePullPolicy": "Sometimes"}, "imagePullPolicy"),
+        ({"image": "i", "backoffLimit": "1"}, "backoffLimit must be an integer"),
+        ({"image": "i", "activeDeadlineSeconds": 0}, "activeDeadlineSeconds"),
+        ({"image": "i", "resource": {}}, "unknown key"),
+        ({"image": "i", "env": [{"value": "x"}]}, "needs a name"),
+        ([], "mapping"),
+    ],
+)
 def test_bad_values_are_named(raw, message):
     with pytest.raises(ValueError, match=message):
         jobspec.parse_job_values(raw)
@@ -196,11 +220,20 @@ def test_nulls_mean_unset():
 
 def test_job_level_values_priority_and_failure_policy(kubernetes_validate):
     policy = {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
-    job = render({"image": "i", "jobLabels": {"kueue.x-k8s.io/queue-name": "gpu", "app.kubernetes.io/instance": "rel",
-                                               "lsbert.io/release": "someone-else"},
-                  "jobAnnotations": {"team": "ml"}, "priorityClassName": "training-low",
-                  "podFailurePolicy": policy,
-                  "podLabels": {"app.kubernetes.io/instance": "rel", "lsbert.io/project": "99"}})
+    job = render(
+        {
+            "image": "i",
+            "jobLabels": {
+                "kueue.x-k8s.io/queue-name": "gpu",
+                "app.kubernetes.io/instance": "rel",
+                "lsbert.io/release": "someone-else",
+            },
+            "jobAnnotations": {"team": "ml"},
+            "priorityClassName": "training-low",
+            "podFailurePolicy": policy,
+            "podLabels": {"app.kubernetes.io/instance": "rel", "lsbert.io/project": "99"},
+        }
+    )
     meta, spec = job["metadata"], job["spec"]
     assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
     assert meta["annotations"]["team"] == "ml" and meta["annotations"]["lsbert.io/version"] == "ft-0004"
@@ -216,17 +249,28 @@ def test_job_level_values_priority_and_failure_policy(kubernetes_validate):
 
 def test_owner_reference_is_set_when_given():
     owner = jobspec.owner_reference("ConfigMap", "rel-lsbert-job-values", "uid-1")
-    job = jobspec.render_job(jobspec.load_template(), jobspec.parse_job_values({"image": "i"}), release="lsbert",
-                             namespace="ml", project=3, version="ft-0004", owner=owner)
+    job = jobspec.render_job(
+        jobspec.load_template(),
+        jobspec.parse_job_values({"image": "i"}),
+        release="lsbert",
+        namespace="ml",
+        project=3,
+        version="ft-0004",
+        owner=owner,
+    )
     assert job["metadata"]["ownerReferences"] == [
-        {"apiVersion": "v1", "kind": "ConfigMap", "name": "rel-lsbert-job-values", "uid": "uid-1"}]
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "rel-lsbert-job-values", "uid": "uid-1"}
+    ]
     jobspec.to_v1_job(job)
 
 
 def test_selection_is_by_lsbert_release_label():
     assert jobspec.selection_labels("rel-lsbert", 4) == {
-        "lsbert.io/release": "rel-lsbert", "app.kubernetes.io/name": "lsbert",
-        "app.kubernetes.io/component": "trainer", "lsbert.io/project": "4"}
+        "lsbert.io/release": "rel-lsbert",
+        "app.kubernetes.io/name": "lsbert",
+        "app.kubernetes.io/component": "trainer",
+        "lsbert.io/project": "4",
+    }
 
 
 def test_wrong_types_and_typos_deep_in_values_fail_before_the_api_server():
@@ -240,8 +284,9 @@ def test_launcher_refuses_bad_values_at_construction():
     from lsbert.settings import SettingsError
 
     with pytest.raises(LaunchError, match="unknown field"):
-        KubernetesLauncher(client.ApiClient(), "ml",
-                           values={"image": "i", "volumes": [{"name": "v", "pvc": {"claimName": "x"}}]})
+        KubernetesLauncher(
+            client.ApiClient(), "ml", values={"image": "i", "volumes": [{"name": "v", "pvc": {"claimName": "x"}}]}
+        )
     with pytest.raises(SettingsError, match="RELEASE_NAME"):
         KubernetesLauncher(client.ApiClient(), "ml", values={"image": "i"}, release="bad release")
 
@@ -280,11 +325,21 @@ def test_readme_documents_exactly_the_value_keys():
 def job(conditions=(), ready=0, active=1):
     now = datetime.now(timezone.utc)
     return client.V1Job(
-        metadata=client.V1ObjectMeta(name="j", labels={"lsbert.io/project": "3"},
-                                     annotations={"lsbert.io/version": "ft-0001"}, creation_timestamp=now),
-        status=client.V1JobStatus(active=active, ready=ready, conditions=[
-            client.V1JobCondition(type=t, status="True", reason=r, message=m, last_transition_time=now)
-            for t, r, m in conditions]))
+        metadata=client.V1ObjectMeta(
+            name="j",
+            labels={"lsbert.io/project": "3"},
+            annotations={"lsbert.io/version": "ft-0001"},
+            creation_timestamp=now,
+        ),
+        status=client.V1JobStatus(
+            active=active,
+            ready=ready,
+            conditions=[
+                client.V1JobCondition(type=t, status="True", reason=r, message=m, last_transition_time=now)
+                for t, r, m in conditions
+            ],
+        ),
+    )
 
 
 def test_job_phase():
@@ -300,16 +355,34 @@ def test_job_phase():
 # ------------------------------------------------------------------------------------------ rollout
 
 
-def deployment(*, generation=2, observed=2, replicas=1, updated=1, available=1, total=1,
-               reason="NewReplicaSetAvailable", annotation="p3=ft-0004"):
+def deployment(
+    *,
+    generation=2,
+    observed=2,
+    replicas=1,
+    updated=1,
+    available=1,
+    total=1,
+    reason="NewReplicaSetAvailable",
+    annotation="p3=ft-0004",
+):
     return {
         "metadata": {"name": "lsbert-predictor", "generation": generation},
-        "spec": {"replicas": replicas, "selector": {"matchLabels": {"a": "b"}},
-                 "template": {"metadata": {"annotations": {kserve.ANNOTATION: annotation}}}},
-        "status": {"observedGeneration": observed, "replicas": total, "updatedReplicas": updated,
-                   "availableReplicas": available,
-                   "conditions": [{"type": "Available", "status": "True"},
-                                  {"type": "Progressing", "status": "True", "reason": reason, "message": "m"}]},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"a": "b"}},
+            "template": {"metadata": {"annotations": {kserve.ANNOTATION: annotation}}},
+        },
+        "status": {
+            "observedGeneration": observed,
+            "replicas": total,
+            "updatedReplicas": updated,
+            "availableReplicas": available,
+            "conditions": [
+                {"type": "Available", "status": "True"},
+                {"type": "Progressing", "status": "True", "reason": reason, "message": "m"},
+            ],
+        },
     }
 
 

@@ -1,93 +1,40 @@
 """Batched, length-sorted inference for sequence classifiers and the zero-shot baseline.
 
-Everything here is blocking torch work; callers run it off the event loop (see ``inference.py``).
+The predictor serves with these classes and the trainer's promotion gate scores the serving model with the
+same ones. Everything here is blocking torch work; the predictor runs it off the event loop.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForSequenceClassification
 
 from lsbert import cuda
+from lsbert.model import ModelKind
+from lsbert.model.decision import MULTI_LABEL, probabilities
+from lsbert.model.runtime import Runtime, release_memory
+from lsbert.model.text import clip, load_tokenizer, truncation_length
 from lsbert.modelsource import resolve
 
 log = logging.getLogger(__name__)
 
 # Upper bound on padded tokens per forward pass; keeps memory flat for batches of long texts.
 TOKEN_BUDGET = 16384
-# Characters kept per text before tokenizing: far more than max_length tokens ever need, and it bounds
-# the cost of a 1 MB text.
-CHARS_PER_TOKEN_CAP = 24
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how forward passes run."""
-
-    device: torch.device
-    autocast_dtype: Optional[torch.dtype]  # None = plain fp32
-    compile: bool = False  # torch.compile served models (CUDA only)
-
-    @property
-    def precision(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # older torch builds without the op
-        return False
-
-
-def select_runtime(
-    precision: str = "auto", threads: int = 0, device: Optional[str] = None, torch_compile: bool = False
-) -> Runtime:
-    """The GPU if there is one (or ``device``), and the fastest precision it does natively."""
-    if threads:
-        torch.set_num_threads(threads)
-    if device is not None:
-        device = torch.device(device)
-    else:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    precision = precision.value if hasattr(precision, "value") else precision
-    if precision == "fp32":
-        dtype = None
-    elif precision == "bf16":
-        dtype = torch.bfloat16
-    elif precision == "fp16":
-        dtype = torch.float16
-    elif device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.bfloat16 if cpu_supports_bf16() else None
-    return Runtime(device=device, autocast_dtype=dtype, compile=torch_compile and cuda.is_cuda(device))
-
-
-def _max_length(tokenizer, model_config, requested: int) -> int:
-    limits = [requested] if requested else []
-    positions = getattr(model_config, "max_position_embeddings", None)
-    if positions:
-        # BERT-family models reserve nothing; RoBERTa-style ones offset positions by 2.
-        limits.append(positions - 2 if getattr(model_config, "model_type", "") in {"roberta", "xlm-roberta"} else positions)
-    tok_max = getattr(tokenizer, "model_max_length", None)
-    if tok_max and tok_max < 100_000:
-        limits.append(tok_max)
-    return min(limits) if limits else 512
+# Upper bound on the bytes of cached zero-shot label embeddings (the most recently used label set is kept).
+LABEL_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class BatchedEncoder:
     """Tokenizes, sorts by length, pads per batch and runs ``forward`` under inference_mode."""
 
-    def __init__(self, tokenizer, model, runtime: Runtime, max_length: int, batch_size: int):
+    def __init__(self, tokenizer: Any, model: Any, runtime: Runtime, max_length: int, batch_size: int):
         self.tokenizer = tokenizer
         self.model = model
         self.runtime = runtime
@@ -114,8 +61,7 @@ class BatchedEncoder:
         """Return ``forward``'s per-text output rows, in the order of ``texts``."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
-        cap = self.max_length * CHARS_PER_TOKEN_CAP
-        clipped = [t[:cap] for t in texts]
+        clipped = clip(texts, self.max_length)
         if cuda.is_cuda(self.runtime.device):
             return self._run_cuda(clipped, forward)
         encoded = self.tokenizer(clipped, truncation=True, max_length=self.max_length)
@@ -124,31 +70,39 @@ class BatchedEncoder:
         out: Optional[np.ndarray] = None
         with self._lock, torch.inference_mode():
             for batch in self._batches(lengths):
-                features = [{k: encoded[k][i] for k in encoded.keys()} for i in batch]
+                features = [{k: encoded[k][i] for k in encoded} for i in batch]
                 padded = self.tokenizer.pad(features, return_tensors="pt")
                 padded = {k: v.to(self.runtime.device) for k, v in padded.items()}
-                if self.runtime.autocast_dtype is not None:
-                    with torch.autocast(self.runtime.device.type, dtype=self.runtime.autocast_dtype):
-                        rows = forward(padded)
-                else:
-                    rows = forward(padded)
-                rows = rows.float().cpu().numpy()
+                with self.runtime.autocast():
+                    rows = forward(padded).float().cpu().numpy()
                 if out is None:
                     out = np.zeros((len(texts), rows.shape[1]), dtype=np.float32)
                 out[batch] = rows
+        assert out is not None  # texts is not empty, so there was at least one batch
         return out
 
     def _run_cuda(self, texts: list[str], forward: Callable[[dict], torch.Tensor]) -> np.ndarray:
         def tokenize(chunk: Sequence[str]) -> list[list[int]]:
-            encoded = self.tokenizer(list(chunk), truncation=True, max_length=self.max_length,
-                                     return_attention_mask=False, return_token_type_ids=False)
+            encoded = self.tokenizer(
+                list(chunk),
+                truncation=True,
+                max_length=self.max_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
             return encoded["input_ids"]
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         with self._lock, torch.inference_mode():
             return cuda.run_pipelined(
-                tokenize, texts, forward, self.runtime.device, self.runtime.autocast_dtype, pad_id,
-                left_padding=getattr(self.tokenizer, "padding_side", "right") == "left", token_budget=self.token_budget,
+                tokenize,
+                texts,
+                forward,
+                self.runtime.device,
+                self.runtime.autocast_dtype,
+                pad_id,
+                left_padding=getattr(self.tokenizer, "padding_side", "right") == "left",
+                token_budget=self.token_budget,
             )
 
 
@@ -160,33 +114,24 @@ def _serving(model, runtime: Runtime):
     return model
 
 
-def _load_tokenizer(source: str, token: Optional[str]):
-    tokenizer = AutoTokenizer.from_pretrained(source, token=token)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
-
-
 class SequenceClassifier:
     """A fine-tuned checkpoint: labels from its config, softmax or sigmoid from its problem type."""
 
-    kind = "finetuned"
+    kind = ModelKind.FINETUNED
 
     def __init__(self, path: str | Path, runtime: Runtime, max_length: int = 0, batch_size: int = 64):
         source = str(path)
-        tokenizer = _load_tokenizer(source, None)
+        tokenizer = load_tokenizer(source)
         model = _serving(AutoModelForSequenceClassification.from_pretrained(source), runtime)
         config = model.config
         self.labels: tuple[str, ...] = tuple(config.id2label[i] for i in range(config.num_labels))
-        self.multi_label = config.problem_type == "multi_label_classification"
-        self.encoder = BatchedEncoder(tokenizer, model, runtime, _max_length(tokenizer, config, max_length), batch_size)
+        self.multi_label = config.problem_type == MULTI_LABEL
+        self.encoder = BatchedEncoder(
+            tokenizer, model, runtime, truncation_length(tokenizer, config, max_length), batch_size
+        )
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        def forward(batch: dict) -> torch.Tensor:
-            logits = self.encoder.model(**batch).logits.float()
-            return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
-
-        return self.encoder.run(texts, forward)
+        return predict_proba(self.encoder, texts, self.multi_label)
 
     def warm_up(self) -> None:
         self.predict_proba(["warm up " * n for n in (1, 8, 32)])
@@ -200,20 +145,24 @@ class ZeroShotClassifier:
     """The baseline before any fine-tune: cosine similarity between mean-pooled embeddings of the text and
     of each label name. A freshly initialised classification head would be a random guess; this is not."""
 
-    kind = "zeroshot"
+    kind = ModelKind.ZEROSHOT
     SCALE = 30.0  # inverse temperature on cosine similarities
     TEMPLATE = "This text is {}."
     # Texts about nothing in particular: their similarity to each label is that label's bias, subtracted so
     # that a label name that is merely "close to everything" does not win every task.
     ANCHORS = ("This text is about something.", "A text.", "Something happened.")
 
-    def __init__(self, name: str, runtime: Runtime, max_length: int = 0, batch_size: int = 64, token: Optional[str] = None):
+    def __init__(
+        self, name: str, runtime: Runtime, max_length: int = 0, batch_size: int = 64, token: Optional[str] = None
+    ):
         source = resolve(name)
-        tokenizer = _load_tokenizer(source, token)
+        tokenizer = load_tokenizer(source, token)
         model = _serving(AutoModel.from_pretrained(source, token=token), runtime)
         self.name = name
-        self.encoder = BatchedEncoder(tokenizer, model, runtime, _max_length(tokenizer, model.config, max_length), batch_size)
-        self._label_cache: dict[tuple[str, ...], np.ndarray] = {}
+        length = truncation_length(tokenizer, model.config, max_length)
+        self.encoder = BatchedEncoder(tokenizer, model, runtime, length, batch_size)
+        self._label_cache: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._label_cache_bytes = 0
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         def forward(batch: dict) -> torch.Tensor:
@@ -228,12 +177,18 @@ class ZeroShotClassifier:
         return self.encoder.run(texts, forward)
 
     def label_embeddings(self, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of a label set, kept in an LRU bounded by ``LABEL_CACHE_BYTES``."""
         cached = self._label_cache.get(labels)
-        if cached is None:
-            embedded = self.embed([self.TEMPLATE.format(label) for label in labels])
-            bias = (self.embed(list(self.ANCHORS)) @ embedded.T).mean(axis=0)
-            cached = (embedded, bias)
-            self._label_cache[labels] = cached
+        if cached is not None:
+            self._label_cache.move_to_end(labels)
+            return cached
+        embedded = self.embed([self.TEMPLATE.format(label) for label in labels])
+        bias = (self.embed(list(self.ANCHORS)) @ embedded.T).mean(axis=0)
+        cached = self._label_cache[labels] = (embedded, bias)
+        self._label_cache_bytes += _entry_bytes(labels, cached)
+        while len(self._label_cache) > 1 and self._label_cache_bytes > LABEL_CACHE_BYTES:
+            old_labels, old = self._label_cache.popitem(last=False)
+            self._label_cache_bytes -= _entry_bytes(old_labels, old)
         return cached
 
     def predict_proba(self, texts: Sequence[str], labels: tuple[str, ...], multi_label: bool) -> np.ndarray:
@@ -253,7 +208,15 @@ class ZeroShotClassifier:
         self.embed(["warm up " * n for n in (1, 8, 32)])
 
 
-def release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def _entry_bytes(labels: tuple[str, ...], entry: tuple[np.ndarray, np.ndarray]) -> int:
+    return entry[0].nbytes + entry[1].nbytes + sum(len(label) for label in labels)
+
+
+def predict_proba(encoder: BatchedEncoder, texts: Sequence[str], multi_label: bool) -> np.ndarray:
+    """Probabilities (texts × labels) of a sequence classifier (``encoder.model``), batched and length-sorted."""
+
+    def forward(batch: dict) -> torch.Tensor:
+        logits = encoder.model(**batch).logits
+        return probabilities(logits, multi_label)
+
+    return encoder.run(list(texts), forward)

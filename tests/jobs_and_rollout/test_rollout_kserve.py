@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from lsbert.rollout import kserve
 from lsbert.rollout.kserve import ANNOTATION, RestartRollout, RolloutFailed, roll, rollout_finished
-from tests.k8s.cluster import wait_until
+from tests.support.polling import until, wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -27,37 +27,46 @@ def isvc(name: str) -> dict:
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {"name": name, "annotations": {"serving.kserve.io/deploymentMode": "Standard"}},
-        "spec": {"predictor": {
-            "minReplicas": 1,
-            "containers": [{"name": "kserve-container", "image": IMAGE, "args": ["serve", "--host", "0.0.0.0"]}],
-        }},
+        "spec": {
+            "predictor": {
+                "minReplicas": 1,
+                "containers": [{"name": "kserve-container", "image": IMAGE, "args": ["serve", "--host", "0.0.0.0"]}],
+            }
+        },
     }
 
 
-def predictor_deployment(name: str, *, annotation: str = "", replicas: int = 2, gpus: int = 0,
-                         deadline: int = 600) -> client.V1Deployment:
+def predictor_deployment(
+    name: str, *, annotation: str = "", replicas: int = 2, gpus: int = 0, deadline: int = 600
+) -> client.V1Deployment:
     labels = {"app": name}
     container = {"name": "kserve-container", "image": IMAGE}
     if gpus:
         container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
-    return client.V1Deployment.from_dict({
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas, "progressDeadlineSeconds": deadline,
-            "selector": {"matchLabels": labels},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {"metadata": {"labels": labels, "annotations": {ANNOTATION: annotation}},
-                         "spec": {"containers": [container]}},
-        },
-    })
+    return client.V1Deployment.from_dict(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "progressDeadlineSeconds": deadline,
+                "selector": {"matchLabels": labels},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                "template": {
+                    "metadata": {"labels": labels, "annotations": {ANNOTATION: annotation}},
+                    "spec": {"containers": [container]},
+                },
+            },
+        }
+    )
 
 
 def play_kserve(apps: client.AppsV1Api, co: client.CustomObjectsApi, ns: str, isvc_name: str) -> str:
     """What KServe's reconciler does with predictor annotations: copy them into the pod template."""
     got = co.get_namespaced_custom_object("serving.kserve.io", "v1beta1", ns, "inferenceservices", isvc_name)
     value = got["spec"]["predictor"]["annotations"][ANNOTATION]
-    apps.patch_namespaced_deployment(f"{isvc_name}-predictor", ns,
-                                     {"spec": {"template": {"metadata": {"annotations": {ANNOTATION: value}}}}})
+    apps.patch_namespaced_deployment(
+        f"{isvc_name}-predictor", ns, {"spec": {"template": {"metadata": {"annotations": {ANNOTATION: value}}}}}
+    )
     return value
 
 
@@ -65,8 +74,9 @@ def play_kserve(apps: client.AppsV1Api, co: client.CustomObjectsApi, ns: str, is
 def kserve_ns(launcher_ns):
     with launcher_ns.admin() as api:
         co, apps = client.CustomObjectsApi(api), client.AppsV1Api(api)
-        co.create_namespaced_custom_object("serving.kserve.io", "v1beta1", launcher_ns.name, "inferenceservices",
-                                           isvc("lsbert"))
+        co.create_namespaced_custom_object(
+            "serving.kserve.io", "v1beta1", launcher_ns.name, "inferenceservices", isvc("lsbert")
+        )
         apps.create_namespaced_deployment(launcher_ns.name, predictor_deployment("lsbert-predictor"))
         yield launcher_ns, co, apps
 
@@ -75,8 +85,9 @@ def test_roll_patches_the_predictor_annotation_and_the_deployment_judges_complet
     ns, co, apps = kserve_ns
     with ns.sa_client() as sa:
         # the initial rollout of the Deployment, driven by the real controller and kwok
-        wait_until(lambda: rollout_finished("lsbert-predictor", ns.name, api_client=sa), TIMEOUT,
-                   "the first rollout", 0.2)
+        wait_until(
+            lambda: rollout_finished("lsbert-predictor", ns.name, api_client=sa), TIMEOUT, "the first rollout", 0.2
+        )
         before = apps.read_namespaced_deployment("lsbert-predictor", ns.name)
 
         assert roll("lsbert", ns.name, "p3=ft-0004,p5=ft-0002", api_client=sa) is True
@@ -87,12 +98,16 @@ def test_roll_patches_the_predictor_annotation_and_the_deployment_judges_complet
 
         # KServe has not updated the Deployment yet: the old, finished rollout is not mistaken for this one
         assert rollout_finished("lsbert-predictor", ns.name, api_client=sa) is True
-        assert rollout_finished("lsbert-predictor", ns.name, api_client=sa,
-                                checkpoint_id="p3=ft-0004,p5=ft-0002") is False
+        assert (
+            rollout_finished("lsbert-predictor", ns.name, api_client=sa, checkpoint_id="p3=ft-0004,p5=ft-0002") is False
+        )
         play_kserve(apps, co, ns.name, "lsbert")
-        wait_until(lambda: rollout_finished("lsbert-predictor", ns.name, api_client=sa,
-                                            checkpoint_id="p3=ft-0004,p5=ft-0002"),
-                   TIMEOUT, "the rollout to the new checkpoints", 0.2)
+        wait_until(
+            lambda: rollout_finished("lsbert-predictor", ns.name, api_client=sa, checkpoint_id="p3=ft-0004,p5=ft-0002"),
+            TIMEOUT,
+            "the rollout to the new checkpoints",
+            0.2,
+        )
         after = apps.read_namespaced_deployment("lsbert-predictor", ns.name)
         assert after.metadata.generation > before.metadata.generation
         assert after.status.updated_replicas == after.status.available_replicas == 2
@@ -110,10 +125,11 @@ def test_roll_patches_the_predictor_annotation_and_the_deployment_judges_complet
 
 
 def test_progress_deadline_exceeded_is_a_failure(kserve_ns):
-    ns, co, apps = kserve_ns
+    ns, _co, apps = kserve_ns
     # five GPUs per pod fit on no node: the rollout cannot progress and hits its deadline
     apps.create_namespaced_deployment(ns.name, predictor_deployment("stuck-predictor", replicas=1, gpus=5, deadline=1))
     with ns.sa_client() as sa:
+
         def failed():
             try:
                 rollout_finished("stuck-predictor", ns.name, api_client=sa)
@@ -131,20 +147,37 @@ def test_status_written_through_the_status_subresource_is_judged(kserve_ns):
     """Deployment status written through the status subresource, as a controller would. The Deployment is
     paused so the real controller leaves its Progressing condition alone (it may still rewrite the replica
     counts, to the same values: one kwok pod is up), and each check re-writes the status it expects."""
-    ns, co, apps = kserve_ns
+    ns, _co, apps = kserve_ns
     name = "paused-predictor"
     apps.create_namespaced_deployment(ns.name, predictor_deployment(name, replicas=1, annotation="p1=ft-0001"))
     apps.patch_namespaced_deployment(name, ns.name, {"spec": {"paused": True}})
 
     def write_status(reason: str, message: str) -> None:
         dep = apps.read_namespaced_deployment(name, ns.name)
-        apps.patch_namespaced_deployment_status(name, ns.name, {"status": {
-            "observedGeneration": dep.metadata.generation, "replicas": 1, "updatedReplicas": 1,
-            "availableReplicas": 1, "readyReplicas": 1,
-            "conditions": [{"type": "Progressing", "reason": reason, "message": message,
-                            "status": "False" if reason == "ProgressDeadlineExceeded" else "True"}]}})
+        apps.patch_namespaced_deployment_status(
+            name,
+            ns.name,
+            {
+                "status": {
+                    "observedGeneration": dep.metadata.generation,
+                    "replicas": 1,
+                    "updatedReplicas": 1,
+                    "availableReplicas": 1,
+                    "readyReplicas": 1,
+                    "conditions": [
+                        {
+                            "type": "Progressing",
+                            "reason": reason,
+                            "message": message,
+                            "status": "False" if reason == "ProgressDeadlineExceeded" else "True",
+                        }
+                    ],
+                }
+            },
+        )
 
     with ns.sa_client() as sa:
+
         def judged_failed():
             write_status("ProgressDeadlineExceeded", f'ReplicaSet "{name}-x" has timed out progressing.')
             try:
@@ -206,15 +239,16 @@ def test_scheduler_with_restart_rollout_as_on_finished(kserve_ns, tmp_path):
     from lsbert.store.local import LocalStore
     from tests.k8s.cluster import ANNOTATION_DURATION
 
-    ns, co, apps = kserve_ns
+    ns, co, _apps = kserve_ns
     store = LocalStore(tmp_path / "store")
 
     async def scenario(sa):
         values = {"image": IMAGE, "podAnnotations": {ANNOTATION_DURATION: "3s"}}
         launcher = KubernetesLauncher(sa, ns.name, values=values)
         rollout = RestartRollout(sa, ns.name, "lsbert", store, follow=False)
-        scheduler = TrainingScheduler(launcher, store, every_n_updates=0, version_name="ft", poll_seconds=0.2,
-                                      on_finished=rollout.on_run_finished)
+        scheduler = TrainingScheduler(
+            launcher, store, every_n_updates=0, version_name="ft", poll_seconds=0.2, on_finished=rollout.on_run_finished
+        )
         await scheduler.handle_event("START_TRAINING", 4, {"project": {"id": 4}})
         await until(lambda: scheduler.status().get("4", {}).get("active"))
         version = scheduler.status()["4"]["active"]["version"]
@@ -234,13 +268,3 @@ def test_scheduler_with_restart_rollout_as_on_finished(kserve_ns, tmp_path):
 
     with ns.sa_client() as sa:
         asyncio.run(scenario(sa))
-
-
-async def until(predicate, timeout=30.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)

@@ -1,5 +1,6 @@
-"""Fixtures for the launcher / rollout tests on the real control plane (``control_plane``, one per test
-session, from the tests.k8s.plugin that tests/conftest.py loads)."""
+"""Training Jobs (the launcher, the Job template) and the restart rollout (KServe) against the Kubernetes
+control plane of tests/k8s (the Job template tests run offline). Fixtures: a namespace with the
+launcher's Role (this conftest), the control plane (tests.k8s.plugin, loaded by tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
-
 
 # The launcher's Role: exactly what KubernetesLauncher + the restart rollout need (jobs/README.md).
 LAUNCHER_RULES = [
@@ -42,16 +42,22 @@ def make_launcher_namespace(cp, prefix: str) -> LauncherNamespace:
     with cp.api_client() as api:
         core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
         core.create_namespaced_service_account(ns, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=sa)))
-        rbac.create_namespaced_role(ns, client.V1Role.from_dict({
-            "metadata": {"name": "lsbert-launcher"}, "rules": LAUNCHER_RULES}))
-        rbac.create_namespaced_role_binding(ns, client.V1RoleBinding.from_dict({
-            "metadata": {"name": "lsbert-launcher"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "lsbert-launcher"},
-            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
-        }))
+        rbac.create_namespaced_role(
+            ns, client.V1Role.from_dict({"metadata": {"name": "lsbert-launcher"}, "rules": LAUNCHER_RULES})
+        )
+        rbac.create_namespaced_role_binding(
+            ns,
+            client.V1RoleBinding.from_dict(
+                {
+                    "metadata": {"name": "lsbert-launcher"},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "lsbert-launcher"},
+                    "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
+                }
+            ),
+        )
     return LauncherNamespace(ns, sa, cp)
 
 
 @pytest.fixture()
-def launcher_ns(control_plane) -> Iterator[LauncherNamespace]:  # noqa: F811
+def launcher_ns(control_plane) -> Iterator[LauncherNamespace]:
     yield make_launcher_namespace(control_plane, "lsb")
