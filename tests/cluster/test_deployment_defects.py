@@ -27,8 +27,15 @@ REPORT_WITHIN_S = 120
 
 def _values(images, ls, api_key, baseline, storage_class: str, **extra: Any) -> dict[str, Any]:
     storage = {"type": "pvc", "pvc": {"storageClassName": storage_class, "size": "2Gi", "keep": False}}
-    return harness.chart_values(images, ls_url=ls.url, api_key=api_key, baseline_dir=baseline, storage=storage,
-                                settings={"NUM_TRAIN_EPOCHS": 2}, extra=extra)
+    return harness.chart_values(
+        images,
+        ls_url=ls.url,
+        api_key=api_key,
+        baseline_dir=baseline,
+        storage=storage,
+        settings={"NUM_TRAIN_EPOCHS": 2},
+        extra=extra,
+    )
 
 
 def _training(release: harness.Release, project_id: int) -> dict[str, Any]:
@@ -38,11 +45,12 @@ def _training(release: harness.Release, project_id: int) -> dict[str, Any]:
 def _message(text: str) -> str:
     """The message of the active run, else of the last one, from the /health JSON of a project."""
     state = json.loads(text)
-    return ((state.get("active") or {}).get("message") or (state.get("last") or {}).get("message") or "")
+    return (state.get("active") or {}).get("message") or (state.get("last") or {}).get("message") or ""
 
 
-def _reported(release: harness.Release, project_id: int, needles: tuple[str, ...], what: str,
-              within: float = REPORT_WITHIN_S) -> str:
+def _reported(
+    release: harness.Release, project_id: int, needles: tuple[str, ...], what: str, within: float = REPORT_WITHIN_S
+) -> str:
     def seen() -> str | None:
         text = json.dumps(_training(release, project_id))
         return text if any(n in text for n in needles) else None
@@ -50,8 +58,9 @@ def _reported(release: harness.Release, project_id: int, needles: tuple[str, ...
     try:
         return harness.wait_for(seen, within, what, interval=2)
     except TimeoutError:
-        raise AssertionError(f"{what}: /health says {json.dumps(_training(release, project_id))}\n"
-                             f"{harness.describe(release)}") from None
+        raise AssertionError(
+            f"{what}: /health says {json.dumps(_training(release, project_id))}\n{harness.describe(release)}"
+        ) from None
 
 
 def _start_training(ls, backend_id: int) -> None:
@@ -64,8 +73,20 @@ def _start_training(ls, backend_id: int) -> None:
 
 def _status_in_pod(release: harness.Release) -> str:
     pod = harness.wait_ready_predictor(release)["metadata"]["name"]
-    res = release.cp.kubectl("exec", pod, "-n", release.namespace, "--", "lsbert", "status", "--url",
-                             "http://127.0.0.1:8080", "--kubernetes", check=False, timeout=60)
+    res = release.cp.kubectl(
+        "exec",
+        pod,
+        "-n",
+        release.namespace,
+        "--",
+        "lsbert",
+        "status",
+        "--url",
+        "http://127.0.0.1:8080",
+        "--kubernetes",
+        check=False,
+        timeout=60,
+    )
     return res.stdout + res.stderr
 
 
@@ -92,8 +113,14 @@ def _notes_commands(release: harness.Release) -> dict[str, list[str]]:
 def _run_printed(release: harness.Release, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     """A command exactly as the notes print it, with this cluster's kubeconfig (KUBECONFIG)."""
     assert argv[0] == "kubectl"
-    return subprocess.run([str(release.cp.binary("kubectl")), *argv[1:]], capture_output=True, text=True, check=False,
-                          env=release.cp.env(), timeout=timeout)
+    return subprocess.run(
+        [str(release.cp.binary("kubectl")), *argv[1:]],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=release.cp.env(),
+        timeout=timeout,
+    )
 
 
 def _tree_owners(root: Path) -> dict[str, int]:
@@ -101,8 +128,8 @@ def _tree_owners(root: Path) -> dict[str, int]:
 
 
 def test_rwo_claim_root_owned_volume_and_notes_log_command(
-        control_plane, real_node, cluster_images, node_label_studio, ls_api_key, node_baseline, namespace, pv_for,
-        tmp_path):
+    control_plane, real_node, cluster_images, node_label_studio, ls_api_key, node_baseline, namespace, pv_for, tmp_path
+):
     """A ReadWriteOnce claim on a root-owned volume: refused combinations, Recreate and co-location, the clear
     reason without volumePermissions, a `helm upgrade` that enables it (and does not deadlock), then a GPU
     training run on the predictor's node followed with the notes' `kubectl logs -l ... -f --prefix`."""
@@ -116,11 +143,13 @@ def test_rwo_claim_root_owned_volume_and_notes_log_command(
     values = _values(cluster_images, ls, ls_api_key, node_baseline, storage_class, **rwo)
 
     # 1a. What can never work is refused at render time, before anything reaches the cluster.
-    refused = _helm_template(cp, harness._merge(values, {"storage": {"pvc": {"colocateTrainer": False}}}),
-                             tmp_path, "rwo-apart")
+    refused = _helm_template(
+        cp, harness._merge(values, {"storage": {"pvc": {"colocateTrainer": False}}}), tmp_path, "rwo-apart"
+    )
     assert refused.returncode != 0 and "Multi-Attach" in refused.stderr, refused.stderr
-    refused = _helm_template(cp, harness._merge(values, {"storage": {"pvc": {"accessModes": ["ReadWriteOncePod"]}}}),
-                             tmp_path, "rwop")
+    refused = _helm_template(
+        cp, harness._merge(values, {"storage": {"pvc": {"accessModes": ["ReadWriteOncePod"]}}}), tmp_path, "rwop"
+    )
     assert refused.returncode != 0 and "ReadWriteOncePod" in refused.stderr, refused.stderr
 
     t0 = time.monotonic()
@@ -154,8 +183,20 @@ def test_rwo_claim_root_owned_volume_and_notes_log_command(
     values = harness._merge(values, {"volumePermissions": {"enabled": True}})
     values_file = tmp_path / "upgrade-values.yaml"
     values_file.write_text(yaml.safe_dump(values))
-    res = cp.helm("upgrade", release.name, str(harness.CHART), "-n", ns, "-f", str(values_file), "--wait",
-                  "--timeout", "4m", check=False, timeout=300)
+    res = cp.helm(
+        "upgrade",
+        release.name,
+        str(harness.CHART),
+        "-n",
+        ns,
+        "-f",
+        str(values_file),
+        "--wait",
+        "--timeout",
+        "4m",
+        check=False,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr + harness.describe(release)
     new_pod = harness.wait_ready_predictor(release)
     upgrade_s = time.monotonic() - t0
@@ -172,9 +213,11 @@ def test_rwo_claim_root_owned_volume_and_notes_log_command(
     start_s = time.monotonic() - t0
     assert pod["spec"]["nodeName"] == new_pod["spec"]["nodeName"] == harness.NODE_NAME
     terms = pod["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    assert any(t["topologyKey"] == "kubernetes.io/hostname"
-               and t["labelSelector"]["matchLabels"].get("app.kubernetes.io/component") == "predictor"
-               for t in terms), terms
+    assert any(
+        t["topologyKey"] == "kubernetes.io/hostname"
+        and t["labelSelector"]["matchLabels"].get("app.kubernetes.io/component") == "predictor"
+        for t in terms
+    ), terms
     assert pod["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") == "1"
     labels = pod["metadata"]["labels"]
     assert labels["app.kubernetes.io/instance"] == release.name and labels["lsbert.io/release"] == full, labels
@@ -198,15 +241,17 @@ def test_rwo_claim_root_owned_volume_and_notes_log_command(
     owners = _tree_owners(volume)
     assert any(name.endswith("config.json") for name in owners), sorted(owners)[:20]
     assert set(owners.values()) == {harness.APP_UID}, {k: v for k, v in owners.items() if v != harness.APP_UID}
-    print(f"RWO figures: install {install_s:.0f}s, upgrade with volumePermissions (Recreate) {upgrade_s:.0f}s, "
-          f"Start Training -> trainer Running {start_s:.0f}s, notes' logs -f ran {follow_s:.0f}s "
-          f"({len(progress)} progress lines, e.g. {progress[0]!r}); {len(owners)} files on the volume, all uid "
-          f"{harness.APP_UID}; test {time.monotonic() - t_test:.0f}s")
+    print(
+        f"RWO figures: install {install_s:.0f}s, upgrade with volumePermissions (Recreate) {upgrade_s:.0f}s, "
+        f"Start Training -> trainer Running {start_s:.0f}s, notes' logs -f ran {follow_s:.0f}s "
+        f"({len(progress)} progress lines, e.g. {progress[0]!r}); {len(owners)} files on the volume, all uid "
+        f"{harness.APP_UID}; test {time.monotonic() - t_test:.0f}s"
+    )
 
 
 def test_volumes_that_cannot_bind_or_mount_then_no_cuda(
-        control_plane, real_node, cluster_images, node_label_studio, ls_api_key, node_baseline, namespace, pv_for,
-        tmp_path):
+    control_plane, real_node, cluster_images, node_label_studio, ls_api_key, node_baseline, namespace, pv_for, tmp_path
+):
     """One training run that meets each obstacle in turn: a claim no PV can bind (ClaimPending), then a hostPath
     directory that does not exist (FailedMount, also in `lsbert status` inside the predictor pod), then, once
     the directory exists, a container given a GPU that has no CUDA: it stops with the message and the run fails."""
@@ -223,13 +268,22 @@ def test_volumes_that_cannot_bind_or_mount_then_no_cuda(
         {"name": "missing", "hostPath": {"path": str(missing), "type": "Directory"}},
     ]
     trainer["volumeMounts"] = trainer["volumeMounts"] + [
-        {"name": "scratch", "mountPath": "/mnt/scratch"}, {"name": "missing", "mountPath": "/mnt/missing"}]
+        {"name": "scratch", "mountPath": "/mnt/scratch"},
+        {"name": "missing", "mountPath": "/mnt/missing"},
+    ]
     # The chart's default: a GPU trainer must see CUDA (the node's GPU is advertised, not real).
     del trainer["gpu"]["requireCuda"]
     assert yaml.safe_load((harness.CHART / "values.yaml").read_text())["trainer"]["gpu"]["requireCuda"] is True
-    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "scratch"},
-             "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": scratch_class,
-                      "resources": {"requests": {"storage": "1Gi"}}}}
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "scratch"},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": scratch_class,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
     cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(claim))
 
     t0 = time.monotonic()
@@ -258,8 +312,10 @@ def test_volumes_that_cannot_bind_or_mount_then_no_cuda(
     status = _status_in_pod(release)
     assert "FailedMount" in status, status
     status_s = time.monotonic() - t0
-    print(f"failed mount reported after {mount_s:.0f}s (lsbert status in the pod after {status_s:.0f}s): "
-          f"{_message(text)}\nlsbert status:\n{status[-1200:]}")
+    print(
+        f"failed mount reported after {mount_s:.0f}s (lsbert status in the pod after {status_s:.0f}s): "
+        f"{_message(text)}\nlsbert status:\n{status[-1200:]}"
+    )
 
     # 3. The directory appears, the container starts with a GPU it cannot use: it stops, the run fails.
     t0 = time.monotonic()
@@ -280,5 +336,7 @@ def test_volumes_that_cannot_bind_or_mount_then_no_cuda(
     assert "CUDA is not usable" in logs and "REQUIRE_CUDA=false" in logs, logs[-2000:]
     assert not re.search(r"epoch \d+/\d+", logs), "the trainer trained on the CPU while holding the GPU"
     print(f"no-CUDA run failed {cuda_s:.0f}s after the directory appeared: {_message(text)}")
-    print(f"mount/CUDA figures: install {install_s:.0f}s, ClaimPending {pending_s:.0f}s, FailedMount {mount_s:.0f}s, "
-          f"failed run {cuda_s:.0f}s; test {time.monotonic() - t_test:.0f}s")
+    print(
+        f"mount/CUDA figures: install {install_s:.0f}s, ClaimPending {pending_s:.0f}s, FailedMount {mount_s:.0f}s, "
+        f"failed run {cuda_s:.0f}s; test {time.monotonic() - t_test:.0f}s"
+    )

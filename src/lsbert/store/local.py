@@ -65,9 +65,11 @@ def _ownership_hint(path: Path) -> str:
         st = where.stat()
     except OSError:
         return ""
-    return (f" ({where} is owned by uid {st.st_uid} gid {st.st_gid} with mode {st.st_mode & 0o7777:04o}; this "
-            f"process runs as uid {os.getuid()} gid {os.getgid()} and cannot write there: give the directory to "
-            "that uid, e.g. with the chart's volumePermissions.enabled=true or a volume owned by it)")
+    return (
+        f" ({where} is owned by uid {st.st_uid} gid {st.st_gid} with mode {st.st_mode & 0o7777:04o}; this "
+        f"process runs as uid {os.getuid()} gid {os.getgid()} and cannot write there: give the directory to "
+        "that uid, e.g. with the chart's volumePermissions.enabled=true or a volume owned by it)"
+    )
 
 
 _READS = ("listing", "reading")
