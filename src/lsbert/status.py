@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -27,20 +29,38 @@ from lsbert.launcher.jobspec import (
 from lsbert.settings import SettingsError
 
 
+def _health_request(url: str) -> urllib.request.Request:
+    """GET /health, with the predictor's basic-auth credentials when this environment has them (inside the
+    predictor pod it does): without them a predictor with basic auth answers only "up" and "ready"."""
+    request = urllib.request.Request(url.rstrip("/") + "/health")
+    user, password = os.environ.get("BASIC_AUTH_USER", ""), os.environ.get("BASIC_AUTH_PASS", "")
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
 def print_status(url: str, kubernetes: bool = False, namespace: Optional[str] = None) -> int:
     code = 0
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as resp:
+        with urllib.request.urlopen(_health_request(url), timeout=5) as resp:
             health = json.load(resp)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"predictor at {url}: unreachable ({exc})", file=sys.stderr)
         health, code = None, 1
     if health is not None:
-        print(f"predictor {url}: {'ready' if health.get('ready') else 'loading'}; baseline {health.get('baseline')}")
+        state = "ready" if health.get("ready") else "loading"
+        if "training" not in health:  # basic auth is on and this request had no (valid) credentials
+            print(
+                f"predictor {url}: {state}; projects and training hidden: basic auth is on, set "
+                "BASIC_AUTH_USER and BASIC_AUTH_PASS to see them"
+            )
+        else:
+            print(f"predictor {url}: {state}; baseline {health.get('baseline')}")
         training = health.get("training") or {}
         serving = health.get("serving") or {}
         projects = sorted(set(training) | set(serving), key=lambda p: int(p))
-        if not projects:
+        if not projects and "training" in health:
             print("  no projects yet")
         for project in projects:
             t = training.get(project, {})
