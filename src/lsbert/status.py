@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -27,10 +29,21 @@ from lsbert.launcher.jobspec import (
 from lsbert.settings import SettingsError
 
 
+def _health_request(url: str) -> urllib.request.Request:
+    """GET /health, with the predictor's basic-auth credentials when they are in the environment (inside a
+    predictor pod they are): without them /health says only whether the server is up and ready."""
+    request = urllib.request.Request(url.rstrip("/") + "/health")
+    user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
 def print_status(url: str, kubernetes: bool = False, namespace: Optional[str] = None) -> int:
     code = 0
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as resp:
+        with urllib.request.urlopen(_health_request(url), timeout=5) as resp:
             health = json.load(resp)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"predictor at {url}: unreachable ({exc})", file=sys.stderr)
