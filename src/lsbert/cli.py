@@ -27,7 +27,11 @@ def _train(argv: list[str]) -> int:
 
 def _status(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lsbert status", description="Projects, serving versions and training runs.")
-    parser.add_argument("--url", default="http://127.0.0.1:9090", help="a running predictor to ask")
+    parser.add_argument(
+        "--url",
+        default="http://127.0.0.1:9090",
+        help="a running predictor to ask (with BASIC_AUTH_USER/BASIC_AUTH_PASS from the environment when set)",
+    )
     parser.add_argument("--kubernetes", action="store_true", help="also list training Jobs in the cluster")
     parser.add_argument("--namespace", default=None)
     args = parser.parse_args(argv)

@@ -30,10 +30,10 @@ from lsbert.settings import SettingsError
 
 
 def _health_request(url: str) -> urllib.request.Request:
-    """GET /health, with the predictor's basic-auth credentials when this environment has them (inside the
-    predictor pod it does): without them a predictor with basic auth answers only "up" and "ready"."""
+    """GET /health, with the predictor's basic-auth credentials when they are in the environment (inside a
+    predictor pod they are): without them /health says only whether the server is up and ready."""
     request = urllib.request.Request(url.rstrip("/") + "/health")
-    user, password = os.environ.get("BASIC_AUTH_USER", ""), os.environ.get("BASIC_AUTH_PASS", "")
+    user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
     if user and password:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")

@@ -21,6 +21,7 @@ from tests.k8s.cluster import (
     ControlPlane,
     wait_until,
 )
+from tests.k8s.node import NODE_IP, NODE_NAME
 
 pytestmark = pytest.mark.k8s
 
@@ -99,15 +100,23 @@ def test_version_is_stamped(control_plane: ControlPlane, api) -> None:
 
 def test_nodes_registered(control_plane: ControlPlane, api) -> None:
     nodes = {n.metadata.name: n for n in client.CoreV1Api(api).list_node().items}
-    assert set(nodes) == {CPU_NODE, GPU_NODE}
+    # A session that runs `cluster` tests also has the real kubelet node (tests/k8s/node.py).
+    real = {NODE_NAME} if control_plane.node is not None else set()
+    assert set(nodes) == {CPU_NODE, GPU_NODE} | real
     gpu = nodes[GPU_NODE]
     assert gpu.status.allocatable[GPU_RESOURCE] == str(control_plane.gpus_per_node)
     assert [(t.key, t.value, t.effect) for t in gpu.spec.taints] == [(GPU_RESOURCE, "present", "NoSchedule")]
-    for n in nodes.values():
+    for name, n in nodes.items():
         ready = {c.type: c.status for c in n.status.conditions}["Ready"]
         assert ready == "True"
-        # kwok's fake kubelet endpoint must be loopback
-        assert [a.address for a in n.status.addresses if a.type == "InternalIP"] == ["127.0.0.1"]
+        addresses = [a.address for a in n.status.addresses if a.type == "InternalIP"]
+        # kwok's fake kubelet endpoint must be loopback; the real kubelet serves on the bridge address
+        assert addresses == ([NODE_IP] if name == NODE_NAME else ["127.0.0.1"])
+    if real:
+        node = nodes[NODE_NAME]
+        assert node.status.allocatable[GPU_RESOURCE] == "1"
+        taints = {(t.key, t.effect) for t in node.spec.taints}
+        assert {(GPU_RESOURCE, "NoSchedule"), ("lsbert.test/real-node", "NoSchedule")} <= taints
 
 
 def test_deployment_pods_run_on_cpu_node(control_plane: ControlPlane, api) -> None:
