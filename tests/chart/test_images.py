@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.chart.helm import REPO_ROOT, required
+from tests.cluster.images import dockerfile_instructions
 
 DOCKERFILES = {
     "predictor": REPO_ROOT / "images" / "predictor" / "Dockerfile",
@@ -43,18 +44,7 @@ def test_dockerfiles_are_hadolint_clean() -> None:
 
 def _instructions(path: Path) -> list[str]:
     """Dockerfile instructions with continuation lines joined."""
-    out: list[str] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or (line.startswith("#") and not pending):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        out.append(pending + line)
-        pending = ""
-    return out
+    return dockerfile_instructions(path.read_text())
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,22 @@ def context_files(root: Path = REPO_ROOT) -> list[Path]:
     return files
 
 
+def dockerfile_instructions(text: str) -> list[str]:
+    """A Dockerfile's instructions, continuation lines joined, comments and blank lines dropped."""
+    out: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or (line.startswith("#") and not pending):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        out.append(pending + line)
+        pending = ""
+    return out
+
+
 def inputs_hash(base_tag: str, torch_index: str = TORCH_INDEX, root: Path = REPO_ROOT) -> str:
     """Hash of everything an image build depends on: the files, the base image and the build arguments."""
     digest = hashlib.sha256(f"recipe={RECIPE_VERSION}\nbase={base_tag}\ntorch={torch_index}\n".encode())

@@ -32,17 +32,7 @@ def _split(path: Path) -> tuple[list[str], str, str]:
 
 
 def _instructions(text: str) -> list[str]:
-    out, pending = [], ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or (line.startswith("#") and not pending):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        out.append(pending + line)
-        pending = ""
-    return out
+    return images.dockerfile_instructions(text)
 
 
 PARTS = {name: _split(path) for name, path in images.DOCKERFILES.items()}
