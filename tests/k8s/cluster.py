@@ -55,6 +55,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from tests.support import polling
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 VERSIONS_FILE = HERE / "versions.env"
@@ -979,23 +981,28 @@ class ControlPlane:
 # --------------------------------------------------------------------------------------------
 
 
+class _Abort(BaseException):
+    """Carries a ControlPlaneError through the polling loop, which keeps going through ordinary errors."""
+
+    def __init__(self, error: ControlPlaneError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    """Poll ``pred`` until it returns a truthy value; raise TimeoutError naming ``what``."""
-    end = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
+    """``tests.support.polling.wait_until`` through transient API errors (a broken control plane still fails
+    at once); a time-out raises ``WaitTimeout`` (a ``TimeoutError``) naming ``what`` and the last error."""
+
+    def attempt() -> Any:
         try:
-            v = pred()
-            if v:
-                return v
-        except ControlPlaneError:
-            raise
-        except Exception as e:  # keep polling through transient API errors
-            last_exc = e
-        if time.monotonic() >= end:
-            extra = f" (last error: {last_exc!r})" if last_exc else ""
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
-        time.sleep(interval)
+            return pred()
+        except ControlPlaneError as exc:
+            raise _Abort(exc) from exc
+
+    try:
+        return polling.wait_until(attempt, timeout, what, interval, ignore=(Exception,))
+    except _Abort as abort:
+        raise abort.error from None
 
 
 def _component_env() -> dict[str, str]:
