@@ -289,13 +289,26 @@ Validation of value combinations the schema cannot express. Included by every wo
 {{/*
 kserve.enabled=auto decides from the API server. An upgrade after KServe was installed would silently swap
 the release's Deployment + Service for an InferenceService whose Service has another name and port, and the
-URL Label Studio uses would stop answering. Refuse; the user chooses.
+URL Label Studio uses would stop answering. Refuse; the user chooses. What the release serves as now comes
+from kserve.liveServing when set (renders that cannot see the cluster: helm template, Argo CD), else from
+the cluster (this release's Deployment, looked up by helm install/upgrade and Flux).
 */}}
 {{- define "lsbert.validateServingSwitch" -}}
-{{- if and (eq (toString .Values.kserve.enabled | lower) "auto") (include "lsbert.kserveEnabled" .) }}
-{{- $live := lookup "apps/v1" "Deployment" .Release.Namespace (include "lsbert.fullname" .) }}
-{{- if and $live $live.metadata (eq (index ($live.metadata.labels | default dict) "app.kubernetes.io/instance" | default "") .Release.Name) }}
-{{- fail (printf "kserve.enabled=auto: this release serves as a plain Deployment (Label Studio uses %s) and KServe is now installed, so this upgrade would replace it with an InferenceService at %s and the URL Label Studio uses would stop answering. Set kserve.enabled=false to keep the Deployment, or kserve.enabled=true to switch and then change the URL in Label Studio." (printf "http://%s.%s.svc.cluster.local:%v" (include "lsbert.fullname" .) .Release.Namespace .Values.service.port) (include "lsbert.serviceUrl" .)) }}
+{{- if eq (toString .Values.kserve.enabled | lower) "auto" }}
+{{- $deploymentUrl := printf "http://%s.%s.svc.cluster.local:%v" (include "lsbert.fullname" .) .Release.Namespace .Values.service.port }}
+{{- $isvcUrl := printf "http://%s-predictor.%s.svc.cluster.local:80" (include "lsbert.fullname" .) .Release.Namespace }}
+{{- $live := .Values.kserve.liveServing | default "" }}
+{{- if and (not $live) (include "lsbert.kserveEnabled" .) }}
+{{- $deployment := lookup "apps/v1" "Deployment" .Release.Namespace (include "lsbert.fullname" .) }}
+{{- if and $deployment $deployment.metadata (eq (index ($deployment.metadata.labels | default dict) "app.kubernetes.io/instance" | default "") .Release.Name) }}
+{{- $live = "Deployment" }}
+{{- end }}
+{{- end }}
+{{- if and (eq $live "Deployment") (include "lsbert.kserveEnabled" .) }}
+{{- fail (printf "kserve.enabled=auto: this release serves as a plain Deployment (Label Studio uses %s) and KServe is now installed, so this upgrade would replace it with an InferenceService at %s and the URL Label Studio uses would stop answering. Set kserve.enabled=false to keep the Deployment, or kserve.enabled=true to switch and then change the URL in Label Studio." $deploymentUrl $isvcUrl) }}
+{{- end }}
+{{- if and (eq $live "InferenceService") (not (include "lsbert.kserveEnabled" .)) }}
+{{- fail (printf "kserve.enabled=auto: this release serves as an InferenceService (Label Studio uses %s) and this render sees no serving.kserve.io/v1beta1 API, so it would replace it with a plain Deployment at %s and the URL Label Studio uses would stop answering. Set kserve.enabled=true to keep the InferenceService (helm template needs --api-versions serving.kserve.io/v1beta1), or kserve.enabled=false to switch and then change the URL in Label Studio." $isvcUrl $deploymentUrl) }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -339,6 +339,22 @@ def test_plain_service_account_is_least_privilege(plain: Release) -> None:
         assert _status(lambda: client.AppsV1Api(sa).list_namespaced_deployment(ns)) == 403  # hot rollout
 
 
+def test_auto_never_moves_the_plain_release_to_kserve(plain: Release) -> None:
+    """The control plane serves the KServe API and this release runs as a Deployment: an upgrade to
+    kserve.enabled=auto finds the Deployment (helm's lookup) and is refused; nothing changes."""
+    cp, ns = plain.cp, plain.namespace
+    result = plain.helm("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", "kserve.enabled=auto", check=False)
+    assert result.returncode != 0
+    message = result.stderr + result.stdout
+    assert "this release serves as a plain Deployment" in message
+    assert f"http://{FULLNAME}.{ns}.svc.cluster.local:8080" in message
+    with _api(cp) as api:
+        assert client.AppsV1Api(api).read_namespaced_deployment(FULLNAME, ns).metadata.name == FULLNAME
+    assert _status(lambda: _isvc(cp, ns)) == 404
+    # the generated password came from helm install, which sees the cluster; an upgrade keeps it
+    plain.helm("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", "kserve.enabled=false")
+
+
 def test_plain_uninstall_leaves_only_the_checkpoints_claim(plain: Release) -> None:
     cp, ns = plain.cp, plain.namespace
     wait_until(lambda: not any(k == "Job" for k, _ in _leftovers(cp, ns)), TIMEOUT, "test Jobs gone")

@@ -140,7 +140,6 @@ CASES: dict[str, Case] = {
     ),
     "existing-secrets-isvc": Case(EXISTING_SECRETS, kserve_api=True, isvc=True),
     "existing-secrets-plain": Case(EXISTING_SECRETS),
-    "basic-auth-generated": Case({"basicAuth": {"enabled": True}}),
     "gpu-isvc": Case(GPU, kserve_api=True, isvc=True),
     "gpu-plain": Case(GPU),
     "gpu-trainer": Case({"trainer": {"gpu": {"enabled": True, "count": 2}}}, kserve_api=True, isvc=True),
@@ -469,13 +468,6 @@ def test_existing_secrets_are_referenced_not_created() -> None:
     assert "BASIC_AUTH_PASS" not in trainer_env, "the trainer serves nothing"
 
 
-def test_basic_auth_password_is_generated_when_not_given() -> None:
-    m = CASES["basic-auth-generated"].manifest()
-    password = m.secret_data()[f"{FULLNAME}-basic-auth/password"]
-    assert len(password) == 32 and password.isalnum()
-    assert password not in json.dumps([o for o in m if o["kind"] != "Secret"])
-
-
 def test_s3_with_pod_identity_has_no_credentials() -> None:
     m = CASES["s3-pod-identity"].manifest()
     env = m.predictor_env()
@@ -777,7 +769,7 @@ def test_notes_tell_how_to_connect_label_studio() -> None:
     assert "1.23.1" in notes and "USER_ADDITIONAL_BANNED_SUBNETS" in notes
     assert "Basic auth" not in notes
 
-    kserve = _notes({"kserve": {"enabled": True}, "basicAuth": {"enabled": True}})
+    kserve = _notes({"kserve": {"enabled": True}, "basicAuth": {"enabled": True, "password": "p"}})
     assert f"http://{FULLNAME}-predictor.{NAMESPACE}.svc.cluster.local:80" in kserve
     assert "Basic auth is ON" in kserve and "/api/webhooks/<id>/" in kserve and "Authorization" in kserve
 

@@ -348,3 +348,43 @@ def test_from_environment_with_kubeconfig_and_lsbert_status(launcher_ns, tmp_pat
     assert res.returncode == 1, res.stderr  # the predictor is not running; the Jobs are listed all the same
     line = next(line for line in res.stdout.splitlines() if "demo-train-p11-0001" in line)
     assert line.split()[1:4] == ["11", "ft-0001", "succeeded"], res.stdout
+
+
+def test_two_replicas_start_one_job_per_annotation_count(launcher_ns, tmp_path):
+    """Two predictor replicas (a scheduler and a launcher each, one store, one namespace) get Label Studio's
+    captured ANNOTATION_CREATED events: the one that sees the count reach a multiple of N creates the Job,
+    which carries that count; the other replica, given the same count, adopts the Job and asks for nothing."""
+    from lsbert.launcher.jobspec import ANNOTATION_TRIGGER
+    from lsbert.launcher.scheduler import TrainingScheduler
+    from lsbert.store.local import LocalStore
+    from tests.launcher.test_replicas import PROJECT, event, send
+
+    slow = {"image": IMAGE, "podAnnotations": {ANNOTATION_DURATION: "30s"}}
+
+    async def scenario():
+        with launcher_ns.sa_client() as sa1, launcher_ns.sa_client() as sa2:
+            store = LocalStore(tmp_path / "store")
+            a, b = (
+                TrainingScheduler(
+                    KubernetesLauncher(sa, launcher_ns.name, values=slow, release="lsbert"),
+                    store,
+                    every_n_updates=4,
+                    version_name="ft",
+                    poll_seconds=0.2,
+                )
+                for sa in (sa1, sa2)
+            )
+            answers = [await send((a, b)[total % 2], event("ANNOTATION_CREATED", total)) for total in range(1, 5)]
+            assert [x["status"] for x in answers[:3]] == ["ok"] * 3
+            assert answers[3]["status"] in ("started", "accepted")  # the API call may outlast the 0.5 s budget
+            await until(lambda: a.status()[str(PROJECT)]["active"] is not None, TIMEOUT)
+            (job,) = jobs(launcher_ns, PROJECT)
+            assert job.metadata.annotations[ANNOTATION_TRIGGER] == "annotations=4"
+            duplicate = await send(b, event("ANNOTATION_CREATED", 4))
+            assert duplicate == {"status": "queued", "project": PROJECT, "job": job.metadata.name}
+            assert not b.status()[str(PROJECT)]["follow_up_pending"]
+            assert [j.metadata.name for j in jobs(launcher_ns, PROJECT)] == [job.metadata.name]
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())

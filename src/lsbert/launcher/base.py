@@ -33,6 +33,10 @@ class Run:
     message: str = ""  # why it failed, in a line
     log: Optional[str] = None  # where to read its log (a path, or `kubectl logs job/<name>`)
     extra: dict = field(default_factory=dict)
+    # What asked for the run, when it can be told apart from a later request: "annotations=<n>" for a run
+    # started when Label Studio's annotation count of the project reached n. Kept with the run (pid file,
+    # Job annotation), so that another replica seeing the same count knows the run is already there.
+    trigger: str = ""
 
     def as_dict(self) -> dict:
         return {
@@ -53,8 +57,9 @@ class LaunchError(RuntimeError):
 
 class Launcher(ABC):
     @abstractmethod
-    def launch(self, project: int, version: str, args: list[str]) -> Run:
-        """Start ``lsbert train --project P --version V *args``; return at once."""
+    def launch(self, project: int, version: str, args: list[str], *, trigger: str = "") -> Run:
+        """Start ``lsbert train --project P --version V *args``; return at once. ``trigger`` is kept with
+        the run (see ``Run.trigger``)."""
 
     @abstractmethod
     def poll(self, run: Run) -> Run:

@@ -31,6 +31,7 @@ LABEL_RELEASE = "lsbert.io/release"  # RELEASE_NAME: what the launcher selects i
 LABEL_PROJECT = "lsbert.io/project"
 LABEL_VERSION = "lsbert.io/version"
 ANNOTATION_VERSION = "lsbert.io/version"  # the exact version id (the label may be shortened to 63 chars)
+ANNOTATION_TRIGGER = "lsbert.io/trigger"  # what asked for the run (Run.trigger), when known
 APP_NAME = "lsbert"
 COMPONENT = "trainer"
 CONTAINER = "trainer"
@@ -288,6 +289,7 @@ def render_job(
     version: str,
     args: Iterable[str] = (),
     owner: Optional[dict[str, Any]] = None,
+    trigger: str = "",
 ) -> dict[str, Any]:
     """The Job body (a plain dict, camelCase like the YAML) for one run.
 
@@ -314,6 +316,7 @@ def render_job(
         **(meta.get("annotations") or {}),
         **values.get("jobAnnotations", {}),
         ANNOTATION_VERSION: version,
+        **({ANNOTATION_TRIGGER: trigger} if trigger else {}),
     }
     if owner is not None:
         meta["ownerReferences"] = [owner]

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 from lsbert.kubeclient import REQUEST_TIMEOUT, api_message, load_api_client, resolve_namespace
 from lsbert.launcher.base import Launcher, LaunchError, Run, RunPhase
 from lsbert.launcher.jobspec import (
+    ANNOTATION_TRIGGER,
     CONTAINER,
     active_jobs,
     condition,
@@ -125,7 +126,12 @@ class KubernetesLauncher(Launcher):
 
     # --- rendering ---------------------------------------------------------------------------------
     def render(
-        self, project: int, version: str, args: Iterable[str] = (), owner: Optional[dict[str, Any]] = None
+        self,
+        project: int,
+        version: str,
+        args: Iterable[str] = (),
+        owner: Optional[dict[str, Any]] = None,
+        trigger: str = "",
     ) -> dict[str, Any]:
         return render_job(
             self.template,
@@ -136,6 +142,7 @@ class KubernetesLauncher(Launcher):
             version=version,
             args=args,
             owner=owner,
+            trigger=trigger,
         )
 
     def owner(self) -> Optional[dict[str, Any]]:
@@ -236,7 +243,7 @@ class KubernetesLauncher(Launcher):
                 by_project[project] = job
         return [self._adopt(job) for _, job in sorted(by_project.items())]
 
-    def launch(self, project: int, version: str, args: list[str]) -> Run:
+    def launch(self, project: int, version: str, args: list[str], *, trigger: str = "") -> Run:
         active = active_jobs(self.list_jobs(project))
         if active:  # another replica (or an earlier life of this one) already trains this project
             log.info(
@@ -248,7 +255,7 @@ class KubernetesLauncher(Launcher):
             return self._adopt(active[0])
         from kubernetes.client.exceptions import ApiException
 
-        body = to_v1_job(self.render(project, version, args, owner=self.owner()))
+        body = to_v1_job(self.render(project, version, args, owner=self.owner(), trigger=trigger))
         name = body.metadata.name
         try:
             job = self._batch.create_namespaced_job(
@@ -314,7 +321,7 @@ class KubernetesLauncher(Launcher):
     def _become(self, run: Run, job) -> None:
         """Make ``run`` (the scheduler holds this object) track ``job`` instead."""
         adopted = self._adopt(job)
-        for attr in ("version", "run_id", "phase", "started_at", "finished_at", "message", "log", "extra"):
+        for attr in ("version", "run_id", "phase", "started_at", "finished_at", "message", "log", "extra", "trigger"):
             setattr(run, attr, getattr(adopted, attr))
 
     def poll(self, run: Run) -> Run:
@@ -368,6 +375,7 @@ class KubernetesLauncher(Launcher):
             started_at=timestamp(job.metadata.creation_timestamp) or time.time(),
             log=f"kubectl logs -f job/{name} -n {self.namespace}",
             extra={"namespace": self.namespace, "job": name, "uid": job.metadata.uid},
+            trigger=(job.metadata.annotations or {}).get(ANNOTATION_TRIGGER, ""),
         )
 
     def _update(self, run: Run, job) -> None:

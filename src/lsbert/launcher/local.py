@@ -30,7 +30,7 @@ class LocalLauncher(Launcher):
         self._procs: dict[str, subprocess.Popen] = {}
         self._adopted: dict[str, int] = {}  # run id -> pid of a run an earlier predictor process started
 
-    def launch(self, project: int, version: str, args: list[str]) -> Run:
+    def launch(self, project: int, version: str, args: list[str], *, trigger: str = "") -> Run:
         run_id = f"local-{project}-{version}"
         path = self.log_dir / str(project) / f"{version}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,10 +50,13 @@ class LocalLauncher(Launcher):
         except OSError as exc:
             raise LaunchError(f"cannot start the training process: {exc}") from None
         self._procs[run_id] = proc
-        record = {"pid": proc.pid, "project": project, "version": version, "started_at": time.time(), "log": str(path)}
+        started = time.time()
+        record = {"pid": proc.pid, "project": project, "version": version, "started_at": started, "log": str(path)}
+        if trigger:
+            record["trigger"] = trigger
         _pid_file(path).write_text(json.dumps(record))
         log.info("project %s: training run %s started (pid %s), log %s", project, version, proc.pid, path)
-        return Run(project, version, run_id, RunPhase.RUNNING, started_at=time.time(), log=str(path))
+        return Run(project, version, run_id, RunPhase.RUNNING, started_at=started, log=str(path), trigger=trigger)
 
     def active_run(self, project: int) -> Optional[Run]:
         """This project's run still running, started by this process or adopted from an earlier one."""
@@ -84,7 +87,18 @@ class LocalLauncher(Launcher):
                 log.info("project %s: adopting training run %s left running (pid %s)", owner, version, pid)
             self._adopted[run_id] = pid
             started = float(record.get("started_at") or time.time())
-            runs.append(Run(owner, version, run_id, RunPhase.RUNNING, started_at=started, log=record.get("log")))
+            trigger = record.get("trigger")
+            runs.append(
+                Run(
+                    owner,
+                    version,
+                    run_id,
+                    RunPhase.RUNNING,
+                    started_at=started,
+                    log=record.get("log"),
+                    trigger=trigger if isinstance(trigger, str) else "",
+                )
+            )
         return runs
 
     def poll(self, run: Run) -> Run:

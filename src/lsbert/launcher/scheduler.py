@@ -3,6 +3,14 @@
 - ``START_TRAINING`` always asks for a run.
 - ``ANNOTATION_CREATED``/``ANNOTATION_UPDATED``/``ANNOTATIONS_DELETED`` (and bulk ``ANNOTATIONS_CREATED``)
   count per project; every ``START_TRAINING_EACH_N_UPDATES`` changes ask for a run (0 disables).
+  Creations and deletions are counted by Label Studio itself: their events carry the project's annotation
+  count after the change (``project.total_annotations_number``), and the event whose change crosses a
+  multiple of N asks for the run. That count is the same whichever predictor replica receives the event, so
+  with several replicas exactly one of them asks, once per multiple. A run carries that count as its
+  trigger (``annotations=<n>``): a replica that gets the same crossing again (Label Studio saving two
+  annotations at once reports the same count twice) finds the run already there and asks for nothing.
+  Updates leave the count unchanged; they (and events without the count) are counted by the replica that
+  receives them.
 - A request while the project's run is active sets one follow-up: however many arrive, exactly one
   more run starts when the active one finishes, so the newest labels are always trained on.
 """
@@ -24,6 +32,8 @@ log = logging.getLogger(__name__)
 
 START_TRAINING = "START_TRAINING"
 UPDATE_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "ANNOTATIONS_CREATED"}
+CREATE_EVENTS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED"}
+DELETE_EVENTS = {"ANNOTATIONS_DELETED"}
 WEBHOOK_BUDGET_S = 0.5  # Label Studio gives event webhooks 1 s
 
 
@@ -38,19 +48,37 @@ def updates_in(action: str, payload: dict[str, Any]) -> int:
     return 1
 
 
+def annotation_count(payload: dict[str, Any]) -> Optional[int]:
+    """Label Studio's count of the project's annotations after the event (``project.total_annotations_number``
+    in its annotation webhooks), or None when the event does not carry it."""
+    project = payload.get("project")
+    count = project.get("total_annotations_number") if isinstance(project, dict) else None
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return count
+    return None
+
+
+def crosses_multiple(before: int, after: int, every: int) -> bool:
+    """Whether going from ``before`` to ``after`` annotations (either way) passes a multiple of ``every``."""
+    return max(before, 0) // every != max(after, 0) // every
+
+
 @dataclass
 class ProjectTraining:
     updates: int = 0
+    annotations: Optional[int] = None  # Label Studio's count of the project's annotations, as last seen
     active: Optional[Run] = None
     last: Optional[Run] = None
     follow_up: bool = False
     runs_started: int = 0
     waiting: bool = False  # queued for a free slot under the global limit of concurrent runs
+    waiting_trigger: str = ""  # the trigger of the request that waits (Run.trigger)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "updates_since_last_trigger": self.updates,
+            "label_studio_annotations": self.annotations,
             "active": self.active.as_dict() if self.active else None,
             "last": self.last.as_dict() if self.last else None,
             "follow_up_pending": self.follow_up,
@@ -106,6 +134,9 @@ class TrainingScheduler:
             return await self._request_within_budget(project, "START_TRAINING")
         if action in UPDATE_EVENTS:
             state = self._state(project)
+            count = annotation_count(payload) if action in CREATE_EVENTS | DELETE_EVENTS else None
+            if count is not None:
+                return await self._count_changed(project, state, action, payload, count)
             state.updates += updates_in(action, payload)
             if self.every_n_updates and state.updates >= self.every_n_updates:
                 log.info("project %s: %d annotation changes since the last trigger", project, state.updates)
@@ -114,8 +145,21 @@ class TrainingScheduler:
             return {"status": "ok", "action": action, "updates": state.updates}
         return {"status": "ignored", "action": action}
 
-    async def _request_within_budget(self, project: int, reason: str) -> dict[str, Any]:
-        task = asyncio.get_running_loop().create_task(self.request_run(project, reason))
+    async def _count_changed(
+        self, project: int, state: ProjectTraining, action: str, payload: dict[str, Any], count: int
+    ) -> dict[str, Any]:
+        """An event with Label Studio's annotation count: a run when the change crosses a multiple of N."""
+        changes = updates_in(action, payload)
+        before = count - changes if action in CREATE_EVENTS else count + changes
+        state.annotations = count
+        if self.every_n_updates and crosses_multiple(before, count, self.every_n_updates):
+            log.info("project %s: Label Studio's annotation count went from %d to %d", project, before, count)
+            reason = f"{count} annotations in Label Studio (every {self.every_n_updates})"
+            return await self._request_within_budget(project, reason, trigger=f"annotations={count}")
+        return {"status": "ok", "action": action, "annotations": count}
+
+    async def _request_within_budget(self, project: int, reason: str, trigger: str = "") -> dict[str, Any]:
+        task = asyncio.get_running_loop().create_task(self.request_run(project, reason, trigger))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         try:
@@ -129,9 +173,10 @@ class TrainingScheduler:
             answer["job"] = run.run_id
         return answer
 
-    async def request_run(self, project: int, reason: str) -> tuple[Optional[Run], bool]:
+    async def request_run(self, project: int, reason: str, trigger: str = "") -> tuple[Optional[Run], bool]:
         """Start a run, or record one follow-up if a run is active, or queue the project for a free slot.
-        Returns (run, collapsed)."""
+        A request whose ``trigger`` is the active run's own (another replica started it for the same
+        annotation count) changes nothing. Returns (run, collapsed)."""
         state = self._state(project)
         if self.refuse:
             message = f"refused: {self.refuse}"
@@ -146,15 +191,20 @@ class TrainingScheduler:
                     state.active = adopted
                     self._ensure_watching()
             if state.active is not None:
+                if trigger and state.active.trigger == trigger:
+                    log.info("project %s: %s: run %s was started for it already", project, reason, state.active.run_id)
+                    return state.active, True
                 state.follow_up = True
                 log.info(
                     "project %s: %s while %s runs; one follow-up run queued", project, reason, state.active.version
                 )
                 return state.active, True
             if state.waiting:
+                state.waiting_trigger = state.waiting_trigger or trigger
                 return None, True
             if self.max_concurrent and self._active_count() >= self.max_concurrent:
                 state.waiting = True
+                state.waiting_trigger = trigger
                 self._waiting.append(project)
                 log.info(
                     "project %s: %s; waiting for a free slot (%d runs active, at most %d)",
@@ -164,7 +214,7 @@ class TrainingScheduler:
                     self.max_concurrent,
                 )
                 return None, True
-            return await self._launch(project, state, reason), False
+            return await self._launch(project, state, reason, trigger), False
 
     def _active_count(self) -> int:
         return sum(1 for s in self._projects.values() if s.active is not None)
@@ -173,16 +223,17 @@ class TrainingScheduler:
         """Start the projects waiting for a slot, in arrival order, while slots are free."""
         while self._waiting and (not self.max_concurrent or self._active_count() < self.max_concurrent):
             project = self._waiting.popleft()
-            self._state(project).waiting = False
+            state = self._state(project)
+            state.waiting, trigger, state.waiting_trigger = False, state.waiting_trigger, ""
             try:
-                await self.request_run(project, "a training slot became free")
+                await self.request_run(project, "a training slot became free", trigger)
             except LaunchError:
                 pass
 
-    async def _launch(self, project: int, state: ProjectTraining, reason: str) -> Run:
+    async def _launch(self, project: int, state: ProjectTraining, reason: str, trigger: str = "") -> Run:
         try:
             version = await asyncio.to_thread(self.store.next_version, project, self.version_name)
-            run = await asyncio.to_thread(self.launcher.launch, project, version, self.train_args)
+            run = await asyncio.to_thread(self.launcher.launch, project, version, self.train_args, trigger=trigger)
         except Exception as exc:
             metrics.TRAINING_RUNS.labels("launch_failed").inc()
             state.last = Run(project, "", "", RunPhase.FAILED, finished_at=time.time(), message=f"launch failed: {exc}")

@@ -7,6 +7,7 @@ its 4xx and a message Label Studio shows to the user.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from lsbert.predictor.service import PredictorService, parse_project_id
 log = logging.getLogger(__name__)
 
 MAX_TASKS = 100_000
+STORE_READ_TIMEOUT_S = 5.0  # /versions: one project's checkpoints, read off the event loop
 # Webhook actions Label Studio sends; any other value is counted under "other" so that invented actions
 # cannot grow /metrics without bound.
 KNOWN_ACTIONS = frozenset(
@@ -85,6 +87,7 @@ class LabelStudioEndpoints:
         self.scheduler = scheduler
         self.store = store
         self.load_wait_seconds = load_wait_seconds
+        self._project_reads: dict[int, asyncio.Future] = {}
 
     async def health(self, request: Request) -> dict[str, Any]:
         """Answered from memory only (never the store or the cluster), and never an error: Label Studio
@@ -188,15 +191,20 @@ class LabelStudioEndpoints:
             raise UnknownProject("no checkpoint store configured")
         projects = [_project(project, "versions")] if project else self.service.registry.known_projects()
         if not project:
-            projects = sorted(set(projects) | set(self.store.projects()))
+            try:
+                stored = await asyncio.wait_for(asyncio.to_thread(self.store.projects), STORE_READ_TIMEOUT_S)
+            except Exception as exc:  # the projects the predictor knows are still listed
+                log.warning("/versions: cannot list the store's projects: %s", exc or type(exc).__name__)
+                stored = []
+            projects = sorted(set(projects) | set(stored))
         details: dict[str, Any] = {}
         names: list[str] = []
         training = self.scheduler.status() if self.scheduler else {}
         for pid in projects:
             try:
-                promoted, infos = self.store.promoted(pid), self.store.versions(pid)
+                promoted, infos = await self._read_project(pid)
             except Exception as exc:  # one unreadable project never fails the answer for the others
-                log.warning("/versions: cannot read project %s: %s", pid, exc)
+                log.warning("/versions: cannot read project %s: %s", pid, exc or type(exc).__name__)
                 details[str(pid)] = {"error": f"cannot read the project's checkpoints: {type(exc).__name__}"}
                 continue
             entries = []
@@ -216,6 +224,23 @@ class LabelStudioEndpoints:
                 # the active or last run, with why it is pending or failed (as /health has it)
                 details[str(pid)]["training"] = training[str(pid)]
         return {"versions": names, "projects": details}
+
+    async def _read_project(self, pid: int) -> tuple[Optional[str], list]:
+        """A project's promoted version and versions, read off the event loop within STORE_READ_TIMEOUT_S;
+        one read per project at a time, so a store that hangs holds one thread however often it is asked."""
+        read = self._project_reads.get(pid)
+        if read is None:
+            store = self.store
+            read = asyncio.ensure_future(asyncio.to_thread(lambda: (store.promoted(pid), store.versions(pid))))
+            self._project_reads[pid] = read
+
+            def done(future: asyncio.Future) -> None:
+                self._project_reads.pop(pid, None)
+                if not future.cancelled():
+                    future.exception()  # retrieved: a read that ended after its request gave up logs nothing
+
+            read.add_done_callback(done)
+        return await asyncio.wait_for(asyncio.shield(read), STORE_READ_TIMEOUT_S)
 
 
 def register_label_studio_routes(
