@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable, Optional
 
@@ -182,3 +183,49 @@ def full_loop(
 def health(release: harness.Release) -> dict[str, Any]:
     resp = requests.get(release.service_url() + "/health", auth=harness.basic_auth(), timeout=5)
     return resp.json()
+
+
+# How long a run's state (a refusal, a pending reason, the end of a run) may take to reach /health.
+REPORT_WITHIN_S = 120
+
+
+def training_report(release: harness.Release, project_id: int) -> dict[str, Any]:
+    """The project's entry under "training" in the predictor's /health."""
+    return health(release).get("training", {}).get(str(project_id), {})
+
+
+def reported(
+    release: harness.Release, project_id: int, needles: tuple[str, ...], what: str, within: float = REPORT_WITHIN_S
+) -> str:
+    """Wait until the project's training report mentions one of ``needles``; its JSON text."""
+
+    def seen() -> str | None:
+        text = json.dumps(training_report(release, project_id))
+        return text if any(n in text for n in needles) else None
+
+    try:
+        return harness.wait_for(seen, within, what, interval=2)
+    except TimeoutError:
+        raise AssertionError(
+            f"{what}: /health says {json.dumps(training_report(release, project_id))}\n{harness.describe(release)}"
+        ) from None
+
+
+def status_in_pod(release: harness.Release) -> str:
+    """``lsbert status --kubernetes`` run inside a Ready predictor pod (stdout and stderr)."""
+    pod = harness.wait_ready_predictor(release)["metadata"]["name"]
+    res = release.cp.kubectl(
+        "exec",
+        pod,
+        "-n",
+        release.namespace,
+        "--",
+        "lsbert",
+        "status",
+        "--url",
+        "http://127.0.0.1:8080",
+        "--kubernetes",
+        check=False,
+        timeout=60,
+    )
+    return res.stdout + res.stderr

@@ -22,8 +22,6 @@ from tests.support.labelstudio import LabelStudioError
 
 pytestmark = [pytest.mark.cluster, pytest.mark.k8s, pytest.mark.labelstudio, pytest.mark.slow]
 
-REPORT_WITHIN_S = 120
-
 
 def _values(images, ls, api_key, baseline, storage_class: str, **extra: Any) -> dict[str, Any]:
     storage = {"type": "pvc", "pvc": {"storageClassName": storage_class, "size": "2Gi", "keep": False}}
@@ -38,29 +36,10 @@ def _values(images, ls, api_key, baseline, storage_class: str, **extra: Any) -> 
     )
 
 
-def _training(release: harness.Release, project_id: int) -> dict[str, Any]:
-    return loop.health(release).get("training", {}).get(str(project_id), {})
-
-
 def _message(text: str) -> str:
     """The message of the active run, else of the last one, from the /health JSON of a project."""
     state = json.loads(text)
     return (state.get("active") or {}).get("message") or (state.get("last") or {}).get("message") or ""
-
-
-def _reported(
-    release: harness.Release, project_id: int, needles: tuple[str, ...], what: str, within: float = REPORT_WITHIN_S
-) -> str:
-    def seen() -> str | None:
-        text = json.dumps(_training(release, project_id))
-        return text if any(n in text for n in needles) else None
-
-    try:
-        return harness.wait_for(seen, within, what, interval=2)
-    except TimeoutError:
-        raise AssertionError(
-            f"{what}: /health says {json.dumps(_training(release, project_id))}\n{harness.describe(release)}"
-        ) from None
 
 
 def _start_training(ls, backend_id: int) -> None:
@@ -69,25 +48,6 @@ def _start_training(ls, backend_id: int) -> None:
         ls.request("POST", f"/api/ml/{backend_id}/train", json={"use_ground_truth": False})
     except LabelStudioError as exc:
         print(f"Label Studio answered Start Training with an error: {str(exc)[:300]}")
-
-
-def _status_in_pod(release: harness.Release) -> str:
-    pod = harness.wait_ready_predictor(release)["metadata"]["name"]
-    res = release.cp.kubectl(
-        "exec",
-        pod,
-        "-n",
-        release.namespace,
-        "--",
-        "lsbert",
-        "status",
-        "--url",
-        "http://127.0.0.1:8080",
-        "--kubernetes",
-        check=False,
-        timeout=60,
-    )
-    return res.stdout + res.stderr
 
 
 def _helm_template(cp, values: dict[str, Any], workdir: Path, name: str):
@@ -170,7 +130,7 @@ def test_rwo_claim_root_owned_volume_and_notes_log_command(
     # 2a. Root-owned 0755 volume, no volumePermissions: uid 10001 cannot write, and /health says so.
     t0 = time.monotonic()
     _start_training(ls, backend["id"])
-    text = _reported(release, project.id, ("permission denied",), "the permission error in /health", within=60)
+    text = loop.reported(release, project.id, ("permission denied",), "the permission error in /health", within=60)
     denied_s = time.monotonic() - t0
     assert "is owned by uid 0 gid 0 with mode 0755" in text and "volumePermissions.enabled=true" in text, text
     assert not release.jobs(), "a Job was created although the run could not reserve its version"
@@ -237,7 +197,7 @@ def test_rwo_claim_root_owned_volume_and_notes_log_command(
     assert progress, f"{shlex.join(commands['logs'])} showed no progress lines:\n{followed.stdout[-3000:]}"
     assert any(ln.startswith(prefix) and "save: version" in ln for ln in lines), followed.stdout[-3000:]
 
-    text = _reported(release, project.id, ('"succeeded"',), "the finished run in /health")
+    text = loop.reported(release, project.id, ('"succeeded"',), "the finished run in /health")
     owners = _tree_owners(volume)
     assert any(name.endswith("config.json") for name in owners), sorted(owners)[:20]
     assert set(owners.values()) == {harness.APP_UID}, {k: v for k, v in owners.items() if v != harness.APP_UID}
@@ -297,7 +257,7 @@ def test_volumes_that_cannot_bind_or_mount_then_no_cuda(
     # 1. The claim cannot bind (no PV of its class): ClaimPending in /health and /versions.
     t0 = time.monotonic()
     _start_training(ls, ctx["backend"]["id"])
-    text = _reported(release, project.id, ("ClaimPending",), "the unbound claim in /health")
+    text = loop.reported(release, project.id, ("ClaimPending",), "the unbound claim in /health")
     pending_s = time.monotonic() - t0
     versions = release.get("/versions", params={"project": project.id})
     assert "ClaimPending" in versions.text, versions.text
@@ -306,10 +266,10 @@ def test_volumes_that_cannot_bind_or_mount_then_no_cuda(
     # 2. A PV appears, the pod is scheduled, and its hostPath directory does not exist: FailedMount.
     t0 = time.monotonic()
     pv_for(scratch_class)
-    text = _reported(release, project.id, ("FailedMount",), "the failed mount in /health")
+    text = loop.reported(release, project.id, ("FailedMount",), "the failed mount in /health")
     mount_s = time.monotonic() - t0
     assert str(missing) in text, text
-    status = _status_in_pod(release)
+    status = loop.status_in_pod(release)
     assert "FailedMount" in status, status
     status_s = time.monotonic() - t0
     print(
@@ -320,7 +280,7 @@ def test_volumes_that_cannot_bind_or_mount_then_no_cuda(
     # 3. The directory appears, the container starts with a GPU it cannot use: it stops, the run fails.
     t0 = time.monotonic()
     missing.mkdir(parents=True)
-    text = _reported(release, project.id, ('"failed"',), "the failed run in /health", within=300)
+    text = loop.reported(release, project.id, ('"failed"',), "the failed run in /health", within=300)
     cuda_s = time.monotonic() - t0
     assert "CUDA is not usable" in text, text
     job = next(j for j in release.jobs() if j["metadata"]["labels"].get("lsbert.io/project") == str(project.id))

@@ -12,8 +12,6 @@ from tests.cluster import harness, loop
 
 pytestmark = [pytest.mark.cluster, pytest.mark.k8s, pytest.mark.labelstudio, pytest.mark.slow]
 
-REPORT_WITHIN_S = 120
-
 
 def _install(control_plane, namespace, name, images, ls, api_key, baseline, tmp_path, pv_for, **extra):
     storage_class = f"{name}-sc"
@@ -29,42 +27,6 @@ def _install(control_plane, namespace, name, images, ls, api_key, baseline, tmp_
     release = harness.install(control_plane, namespace, name, values, tmp_path)
     harness.wait_ready_predictor(release)
     return release
-
-
-def _training_text(release: harness.Release, project_id: int) -> str:
-    return json.dumps(loop.health(release).get("training", {}).get(str(project_id), {}))
-
-
-def _reported(release: harness.Release, project_id: int, needles: tuple[str, ...], what: str) -> str:
-    def seen() -> str | None:
-        text = _training_text(release, project_id)
-        return text if any(n in text for n in needles) else None
-
-    try:
-        return harness.wait_for(seen, REPORT_WITHIN_S, what, interval=2)
-    except TimeoutError:
-        raise AssertionError(
-            f"{what}: /health says {_training_text(release, project_id)}\n{harness.describe(release)}"
-        ) from None
-
-
-def _status_in_pod(release: harness.Release) -> str:
-    pod = harness.wait_ready_predictor(release)["metadata"]["name"]
-    res = release.cp.kubectl(
-        "exec",
-        pod,
-        "-n",
-        release.namespace,
-        "--",
-        "lsbert",
-        "status",
-        "--url",
-        "http://127.0.0.1:8080",
-        "--kubernetes",
-        check=False,
-        timeout=60,
-    )
-    return res.stdout + res.stderr
 
 
 def test_runs_that_never_start_are_reported_within_minutes(
@@ -96,14 +58,14 @@ def test_runs_that_never_start_are_reported_within_minutes(
     control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(quota))
     t0 = time.monotonic()
     node_label_studio.request("POST", f"/api/ml/{ctx['backend']['id']}/train", json={"use_ground_truth": False})
-    text = _reported(release, project.id, ("FailedCreate", "exceeded quota"), "the quota refusal in /health")
+    text = loop.reported(release, project.id, ("FailedCreate", "exceeded quota"), "the quota refusal in /health")
     print(f"quota refusal reported after {time.monotonic() - t0:.0f}s: {text[:300]}")
-    assert "exceeded quota" in _status_in_pod(release) or "FailedCreate" in _status_in_pod(release)
+    assert "exceeded quota" in loop.status_in_pod(release) or "FailedCreate" in loop.status_in_pod(release)
 
     # 2. The quota goes, the pod is created, and its image does not exist on the node.
     control_plane.kubectl("delete", "resourcequota", "no-gpus", "-n", namespace)
     t0 = time.monotonic()
-    text = _reported(
+    text = loop.reported(
         release, project.id, ("ErrImageNeverPull", "ImagePullBackOff", "ErrImagePull"), "the missing image in /health"
     )
     print(f"missing image reported after {time.monotonic() - t0:.0f}s: {text[:300]}")
@@ -137,7 +99,7 @@ def test_trainer_pod_deleted_mid_run_fails_the_run_and_keeps_serving(
 
     harness.wait_for(training, 180, "the trainer to start training")
     control_plane.kubectl("delete", "pod", pod, "-n", namespace, "--wait=false")
-    text = _reported(release, project.id, ('"failed"',), "the failed run in /health")
+    text = loop.reported(release, project.id, ('"failed"',), "the failed run in /health")
     assert loop.served_version(release, project) == before
     print(f"deleted trainer pod reported: {text[:300]}")
 
