@@ -196,7 +196,9 @@ def task_example(task: Any, spec: ClassificationSpec) -> tuple[Optional[Example]
             text=text,
             labels=labels,
             task_id=task_id if isinstance(task_id, int) else None,
-            annotation_id=annotation_id if isinstance(annotation_id, int) and not isinstance(annotation_id, bool) else None,
+            annotation_id=annotation_id
+            if isinstance(annotation_id, int) and not isinstance(annotation_id, bool)
+            else None,
             changed_at=changed_at(annotation),
         ),
         None,

@@ -128,6 +128,8 @@ class LabelStudioEndpoints:
             if schema is not None and not isinstance(schema, str):
                 raise BadRequest("'schema' must be the labelling config as an XML string")
             await self.service.registry.read_pointer(project)  # off the event loop, bounded
+            if self.service.heads is not None:
+                await self.service.heads.prepare(project)  # the head state, read once, bounded
             version = self.service.setup(project, schema)
             return {"model_version": version}
 
@@ -171,6 +173,11 @@ class LabelStudioEndpoints:
                 self.service.registry.remember(project, self.service.spec_from_config(project_obj["label_config"]))
             except LabelConfigError:
                 pass  # the event is still counted; /predict reports the config problem
+        if self.service.heads is not None:
+            try:
+                self.service.heads.on_event(action, project, body)
+            except Exception as exc:  # the head is a bonus: an odd payload must not fail the event
+                log.warning("project %s: %s not applied to the embedding head: %s", project, action, exc)
         if self.scheduler is None:
             return {"status": "ignored", "action": action, "reason": "training is disabled"}
         return await self.scheduler.handle_event(action, project, body)
@@ -211,11 +218,21 @@ class LabelStudioEndpoints:
                         "promotion": info.metadata.get("promotion"),
                     }
                 )
-            details[str(pid)] = {"promoted": promoted, "versions": entries}
+            details[str(pid)] = {"promoted": promoted, "versions": entries, "serving": self._serving(pid)}
             if training.get(str(pid)):
                 # the active or last run, with why it is pending or failed (as /health has it)
                 details[str(pid)]["training"] = training[str(pid)]
         return {"versions": names, "projects": details}
+
+    def _serving(self, project: int) -> dict[str, Any]:
+        """Which kind of model serves the project here now, and its embedding head's held-out scores."""
+        registry = self.service.registry
+        kind, version = registry.serving_kind(project, registry.spec(project))
+        answer: dict[str, Any] = {"kind": kind.value, "version": version}
+        head = self.service.heads.status(project) if self.service.heads is not None else None
+        if head is not None:
+            answer["head"] = head
+        return answer
 
 
 def register_label_studio_routes(
