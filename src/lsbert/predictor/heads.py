@@ -224,6 +224,20 @@ class HeadKeeper:
             "assessment": dict(state.assessment),
         }
 
+    async def wait_idle(self, project: int, timeout: float = 60.0) -> bool:
+        """Wait until the project's queued changes are applied (and fitted, and written); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self._projects.get(project)
+            worker = entry.worker if entry is not None else None
+            if worker is None or worker.done():
+                if entry is None or not entry.pending:
+                    return True
+                self._kick(project)
+                continue
+            await asyncio.wait({worker}, timeout=max(0.0, deadline - time.monotonic()))
+        return False
+
     # --- events ---------------------------------------------------------------------------------------
     def on_event(self, action: str, project: int, payload: dict[str, Any]) -> int:
         """Queue what an event changes (cheap; the work happens on the project's worker). Returns the
