@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -199,7 +200,7 @@ class HeadState:
             return cls._decode(raw)
         except ValueError:
             raise
-        except (KeyError, IndexError, TypeError, OSError, UnicodeDecodeError, EOFError) as exc:
+        except (KeyError, IndexError, TypeError, OSError, UnicodeDecodeError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"not a head state: {type(exc).__name__}: {exc}") from None
 
     @classmethod
