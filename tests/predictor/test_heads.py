@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -266,3 +267,51 @@ def test_replicas_sharing_a_store_merge_their_examples(service, data, tmp_path):
     asyncio.run(first_catches_up())
     assert first.status(PROJECT)["examples"] == 20
     assert first.status(PROJECT)["version"] == second.status(PROJECT)["version"]
+
+
+def test_the_webhook_feeds_the_head_of_a_running_server(server_factory):
+    """The captured Label Studio requests, replayed byte for byte against ``lsbert serve``."""
+    import time
+
+    import requests
+
+    server = server_factory({"TRAINING_LAUNCHER": "none"}, name="heads-webhook")
+    state_file = Path(server.env["MODEL_DIR"]) / "2" / ".head" / "state.npz"
+
+    def replay(name: str, body: bytes | None = None) -> dict:
+        captured = fixture(name)
+        answer = requests.post(
+            server.url + "/webhook",
+            data=body if body is not None else captured["body_raw"].encode(),
+            headers={"Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    def stored(expect) -> HeadState:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if state_file.exists():
+                state = HeadState.from_bytes(state_file.read_bytes())
+                if expect(state):
+                    return state
+            time.sleep(0.2)
+        raise AssertionError(f"the head state never matched; server log:\n{server.log()[-3000:]}")
+
+    replay("webhook-ANNOTATION_CREATED.json")
+    state = stored(lambda s: 4 in s.examples)
+    assert state.labels == ("Positive", "Negative") and state.examples[4].labels == ("Positive",)
+    assert state.examples[4].annotation_id == 2 and state.examples[4].embedding.shape == (384,)
+    replay("webhook-ANNOTATION_UPDATED.json")
+    state = stored(lambda s: s.examples.get(4) is not None and s.examples[4].labels == ("Negative",))
+    replay("webhook-ANNOTATIONS_DELETED.json")  # annotation 6: not the one the example came from
+    replay("webhook-PROJECT_UPDATED.json")
+    body = fixture("webhook-ANNOTATIONS_DELETED.json")["body_json"]
+    body["annotations"] = [{"id": 2}]
+    replay("webhook-ANNOTATIONS_DELETED.json", json.dumps(body).encode())
+    state = stored(lambda s: 4 not in s.examples)
+    assert 4 in state.tombstones
+    versions = requests.get(server.url + "/versions", params={"project": 2}, timeout=10).json()
+    serving = versions["projects"]["2"]["serving"]
+    assert serving["kind"] == "zeroshot" and serving["head"]["examples"] == 0 and not serving["head"]["serves"]
