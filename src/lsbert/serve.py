@@ -106,6 +106,8 @@ def build(settings: Settings) -> Predictor:
         cache_dir=Path(settings.cache_dir),
         url_allowed_hosts=[h.strip() for h in settings.text_url_allowed_hosts.split(",") if h.strip()],
     )
+    if settings.head_enabled:
+        service.attach_heads(_head_keeper(settings, service, store))
     watcher = RolloutWatcher(registry, store, settings.rollout_poll_seconds)
     launcher = make_launcher(settings)
     restart = None
@@ -125,6 +127,30 @@ def build(settings: Settings) -> Predictor:
     endpoints = LabelStudioEndpoints(service, scheduler, store, load_wait_seconds=settings.model_load_wait_seconds)
     model = LsbertModel(settings.model_name, service)
     return Predictor(model, endpoints, scheduler, watcher, service, restart)
+
+
+def _head_keeper(settings: Settings, service: PredictorService, store: Any) -> Any:
+    from lsbert.predictor.heads import HeadKeeper
+
+    url, key = settings.label_studio_url, settings.label_studio_api_key
+    source = None
+    if url and key:
+
+        def source() -> Any:
+            from lsbert.labelstudio.source import LabelStudioSource
+
+            return LabelStudioSource(url, key.get_secret_value())
+
+    return HeadKeeper(
+        service,
+        store,
+        baseline=settings.baseline_model_name,
+        min_labels=settings.head_min_labels,
+        max_examples=settings.head_max_examples,
+        max_total_examples=settings.head_max_total_examples,
+        poll_seconds=settings.rollout_poll_seconds,
+        source=source,
+    )
 
 
 def _training_refusal(settings: Settings) -> Optional[str]:
@@ -154,6 +180,8 @@ async def _load_and_start(
     # With ROLLOUT_STRATEGY=restart, pods load the promoted versions at start and KServe rolls them;
     # the watcher still runs, so a replica never serves older than the pointers it can read.
     predictor.watcher.start()
+    if predictor.service.heads is not None:
+        predictor.service.heads.start()
     if predictor.restart is not None:
         background.append(loop.create_task(predictor.restart.run_forever(settings.rollout_poll_seconds)))
     if predictor.scheduler is not None:

@@ -97,6 +97,18 @@ class Settings(BaseSettings):
     training_launcher: LauncherKind = LauncherKind.LOCAL
     rollout_poll_seconds: float = Field(30.0, gt=0)
     cache_dir: str = Field(".lsbert-cache", description="Where remote checkpoints are downloaded for serving.")
+    head_enabled: bool = Field(
+        True, description="Fit a light head on the baseline's embeddings from each project's annotations and serve it."
+    )
+    head_min_labels: int = Field(
+        10, ge=2, le=100_000, description="Labelled examples before a project's embedding head is first assessed."
+    )
+    head_max_examples: int = Field(
+        2000, ge=10, le=1_000_000, description="Labelled examples kept per project for its head (the newest)."
+    )
+    head_max_total_examples: int = Field(
+        50_000, ge=10, le=10_000_000, description="Labelled examples kept for heads across all projects (the newest)."
+    )
 
     # --- Kubernetes (set by the Helm chart) -----------------------------------------------------------
     rollout_strategy: RolloutStrategy = RolloutStrategy.HOT

@@ -397,3 +397,65 @@ def test_local_layout_on_disk(local_backend: Backend, checkpoint: Path) -> None:
     (pdir / "notes").mkdir()
     assert [v.version for v in store.versions(PROJECT)] == [version]
     assert version_seq(store.next_version(PROJECT, NAME)) == 6
+
+
+# ---- the embedding head's state ------------------------------------------------------------------
+
+
+def _head_state_bytes(examples: int, seed: int = 0) -> bytes:
+    import numpy as np
+
+    from lsbert.model.head import fit
+    from lsbert.model.headstate import HeadState, Labelled, head_version
+
+    rng = np.random.default_rng(seed)
+    labels = ("a", "b")
+    state = HeadState("some-baseline", labels, False)
+    for task in range(examples):
+        vector = rng.normal(size=8).astype(np.float32)
+        state.examples[task] = Labelled(vector / np.linalg.norm(vector), (labels[task % 2],), 100 + task, float(task))
+    state.tombstones = {999: 5.0}
+    _, embeddings, answers = state.arrays()
+    state.head = fit(embeddings, answers, labels, False)
+    state.version, state.serves, state.fitted_at = head_version(state.head), True, 1.0
+    return state.to_bytes()
+
+
+def test_head_state_round_trip(backend: Backend, checkpoint: Path) -> None:
+    from lsbert.model.headstate import HeadState
+
+    store = backend.open()
+    assert store.read_head(PROJECT) is None and store.head_tag(PROJECT) is None
+    first = _head_state_bytes(10)
+    tag = store.write_head(PROJECT, first)
+    assert store.head_tag(PROJECT) == tag
+    raw, read_tag = store.read_head(PROJECT)
+    assert raw == first and read_tag == tag
+    state = HeadState.from_bytes(raw)
+    assert len(state.examples) == 10 and state.examples[3].labels == ("b",) and state.examples[3].annotation_id == 103
+    assert state.tombstones == {999: 5.0} and state.serves and state.version and state.version.startswith("head-10-")
+
+    second = _head_state_bytes(12, seed=1)
+    new_tag = store.write_head(PROJECT, second)
+    assert new_tag != tag and store.head_tag(PROJECT) == new_tag and store.read_head(PROJECT)[0] == second
+    assert backend.open(fresh=True).read_head(PROJECT)[0] == second  # another replica reads the same bytes
+
+    # the head is never a version, a project of its own, or something prune() removes
+    version = _save(store, checkpoint)
+    store.promote(PROJECT, version)
+    assert [v.version for v in store.versions(PROJECT)] == [version]
+    assert store.prune(PROJECT, keep=0) == []
+    assert version_seq(store.next_version(PROJECT, NAME)) == 2
+    assert store.read_head(PROJECT)[0] == second
+    assert store.projects() == [PROJECT]
+    if backend.kind == "local":
+        hdir = Path(backend.uri) / str(PROJECT) / ".head"
+        assert sorted(os.listdir(hdir)) == ["state.npz"]  # no temp file left behind
+
+
+def test_head_state_refuses_garbage() -> None:
+    from lsbert.model.headstate import HeadState
+
+    for raw in (b"", b"not a zip", _head_state_bytes(4)[:100]):
+        with pytest.raises(ValueError):
+            HeadState.from_bytes(raw)

@@ -60,3 +60,54 @@ def test_predictions_for_each_kind_of_head():
     # sigmoid head for a multi-label config: the serving threshold (MULTI_LABEL_THRESHOLD), not a fixed 0.5
     assert predictions_for(proba, labels, multi_label=True, model_multi_label=True, threshold=0.5) == [("a", "b"), ()]
     assert predictions_for(proba, labels, multi_label=True, model_multi_label=True, threshold=0.65) == [("b",), ()]
+
+
+def test_the_gate_compares_with_a_serving_embedding_head(tmp_path):
+    """Before any fine-tune, a project whose embedding head serves is compared with that head (scored on the
+    validation split through the baseline's embeddings), not with zero-shot; a head that does not serve, or
+    that was fitted for other labels, leaves zero-shot as the rival."""
+    from collections import defaultdict
+
+    from lsbert.labelconfig import ClassificationSpec
+    from lsbert.model import ModelKind
+    from lsbert.model.engine import ZeroShotClassifier
+    from lsbert.model.head import fit
+    from lsbert.model.headstate import HeadState, Labelled, head_version
+    from lsbert.model.runtime import select_runtime
+    from lsbert.store.local import LocalStore
+    from lsbert.trainer.dataset import Example
+    from lsbert.trainer.promotion import evaluate_serving
+    from tests.conftest import MINILM
+    from tests.support.datasets import rotten_tomatoes_with_plot
+
+    labels = ("fresh", "rotten", "plot")
+    by_label = defaultdict(list)
+    for text, label in rotten_tomatoes_with_plot(seed=5):
+        by_label[label].append(text)
+    train = [(by_label[label][i], label) for i in range(20) for label in labels]
+    validation = [Example(by_label[label][20 + i], (label,), i) for i in range(15) for label in labels]
+    runtime = select_runtime("fp32", 0)
+    encoder = ZeroShotClassifier(MINILM, runtime)
+    state = HeadState(MINILM, labels, False)
+    for task, (vector, (_, label)) in enumerate(zip(encoder.embed([t for t, _ in train]), train)):
+        state.examples[task] = Labelled(vector, (label,), task, float(task))
+    _, embeddings, answers = state.arrays()
+    state.head = fit(embeddings, answers, labels, False)
+    state.version, state.serves = head_version(state.head), True
+    store = LocalStore(tmp_path / "models")
+    store.write_head(3, state.to_bytes())
+    spec = ClassificationSpec("sentiment", "text", "text", labels, False)
+
+    head = evaluate_serving(store, 3, None, spec, validation, runtime, MINILM, threshold=0.5)
+    assert head.kind is ModelKind.HEAD and head.version == state.version
+    zero_shot = evaluate_serving(store, 4, None, spec, validation, runtime, MINILM, threshold=0.5)
+    assert zero_shot.kind is ModelKind.ZEROSHOT and zero_shot.version is None
+    assert head.metrics["macro_f1"] > zero_shot.metrics["macro_f1"] + 0.1, (head.metrics, zero_shot.metrics)
+
+    other_labels = ClassificationSpec("sentiment", "text", "text", ("fresh", "rotten"), False)
+    assert evaluate_serving(store, 3, None, other_labels, validation, runtime, MINILM, threshold=0.5).kind is (
+        ModelKind.ZEROSHOT
+    )
+    state.serves = False
+    store.write_head(3, state.to_bytes())
+    assert evaluate_serving(store, 3, None, spec, validation, runtime, MINILM, threshold=0.5).kind is ModelKind.ZEROSHOT

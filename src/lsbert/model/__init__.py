@@ -11,9 +11,11 @@ from enum import Enum
 
 
 class ModelKind(str, Enum):
-    """What answers for a project: one of its fine-tuned checkpoints, or the zero-shot baseline."""
+    """What answers for a project: one of its fine-tuned checkpoints, the embedding head fitted on its first
+    labels (``lsbert.model.head``), or the zero-shot baseline."""
 
     FINETUNED = "finetuned"
+    HEAD = "head"
     ZEROSHOT = "zeroshot"
 
     def __str__(self) -> str:

@@ -1,7 +1,8 @@
 """Which model serves each project, loaded once per process and swapped atomically on a new version.
 
-Until a project has a promoted fine-tuned checkpoint it is served by the zero-shot baseline. Loaded
-checkpoints are kept in a small LRU; an evicted one is reloaded on its next request.
+In order: the project's promoted fine-tuned checkpoint; else its embedding head when that beats zero-shot
+(``lsbert.predictor.heads``); else the zero-shot baseline. Loaded checkpoints are kept in a small LRU; an
+evicted one is reloaded on its next request.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from lsbert.model.engine import SequenceClassifier, ZeroShotClassifier
 from lsbert.model.runtime import Runtime, release_memory
 from lsbert.modelsource import short_name
 from lsbert.store import CheckpointStore, StoreError
+
+if TYPE_CHECKING:
+    from lsbert.predictor.heads import HeadKeeper
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +48,37 @@ class LoadFailure:
 
 @dataclass(frozen=True)
 class Served:
-    """A model answering for one project: a fine-tuned checkpoint or the zero-shot baseline."""
+    """A model answering for one project: a fine-tuned checkpoint, an embedding head or the zero-shot
+    baseline."""
 
     version: str
     kind: ModelKind
     labels: tuple[str, ...]
     multi_label: bool
-    classifier: Any  # SequenceClassifier (FINETUNED) or ZeroShotClassifier (ZEROSHOT)
+    classifier: Any  # SequenceClassifier (FINETUNED), Head (HEAD) or ZeroShotClassifier (ZEROSHOT)
+    encoder: Any = None  # HEAD: the ZeroShotClassifier whose embeddings the head reads
 
     def key(self, spec: ClassificationSpec) -> Hashable:
-        """Requests with equal keys may share a forward pass (zero-shot: only over the same labels)."""
+        """Requests with equal keys may share a forward pass (zero-shot: only over the same labels; heads of
+        every project share the baseline's embedding pass)."""
         if self.kind is ModelKind.ZEROSHOT:
             return (id(self.classifier), spec.labels, spec.multi_label)
+        if self.kind is ModelKind.HEAD:
+            return ("embed", id(self.encoder))
         return id(self.classifier)
 
     def runner(self, spec: ClassificationSpec) -> Callable[[Sequence[str]], np.ndarray]:
         if self.kind is ModelKind.ZEROSHOT:
             return lambda texts: self.classifier.predict_proba(texts, spec.labels, spec.multi_label)
+        if self.kind is ModelKind.HEAD:
+            return self.encoder.embed
         return self.classifier.predict_proba
+
+    def finish(self, raw: np.ndarray) -> np.ndarray:
+        """Probabilities from what the shared pass returned (a head's from the embeddings)."""
+        if self.kind is ModelKind.HEAD:
+            return self.classifier.predict_proba(raw)
+        return raw
 
 
 class ModelRegistry:
@@ -90,7 +107,9 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsbert-load")
         self._loading: dict[tuple[int, str], asyncio.Future] = {}
-        self._reported: dict[int, str] = {}  # zero-shot version last exported as a metric, per project
+        # version and kind last exported as a metric per project, while it is not a loaded checkpoint
+        self._reported: dict[int, tuple[str, ModelKind]] = {}
+        self.heads: Optional[HeadKeeper] = None  # set when embedding heads are enabled
         self._failures: dict[tuple[int, str], LoadFailure] = {}
         self._pointer_reads: dict[int, asyncio.Future] = {}
 
@@ -159,7 +178,24 @@ class ModelRegistry:
         pointer = self.pointer(project) if served is None else None
         if pointer and (project, pointer) in self._failures:
             pointer = None
-        return pointer or self.zero_shot_version(spec)
+        return pointer or self._light_version(project, spec)
+
+    def _light_version(self, project: int, spec: ClassificationSpec) -> str:
+        """The version serving a project that has no usable checkpoint: its head's, else zero-shot's."""
+        head = self.heads.serving(project, spec) if self.heads is not None else None
+        return head[1] if head is not None else self.zero_shot_version(spec)
+
+    def serving_kind(self, project: int, spec: Optional[ClassificationSpec]) -> tuple[ModelKind, Optional[str]]:
+        """Which kind of model serves the project now and its version, from memory only."""
+        loaded = self.loaded(project)
+        if loaded is not None and (spec is None or _compatible(loaded, spec)):
+            return loaded.kind, loaded.version
+        if spec is None:
+            return ModelKind.ZEROSHOT, None
+        head = self.heads.serving(project, spec) if self.heads is not None else None
+        if head is not None:
+            return ModelKind.HEAD, head[1]
+        return ModelKind.ZEROSHOT, self.zero_shot_version(spec)
 
     # --- failed loads -------------------------------------------------------------------------------
     def load_due(self, project: int, version: str) -> bool:
@@ -207,21 +243,37 @@ class ModelRegistry:
             if loaded is not None and (spec is None or _compatible(loaded, spec)):
                 summary[str(project)] = loaded.version
             elif spec is not None:
-                summary[str(project)] = self.zero_shot_version(spec)
+                summary[str(project)] = self._light_version(project, spec)
             else:
                 summary[str(project)] = pending or "-"
         return summary
 
     # --- serving ------------------------------------------------------------------------------------
+    def _report(self, project: int, version: str, kind: ModelKind) -> None:
+        """Export what serves a project that has no loaded checkpoint (a head or zero-shot) as a metric."""
+        previous = self._reported.get(project)
+        if previous == (version, kind):
+            return
+        if previous:
+            metrics.SERVING_MODEL.labels(str(project), previous[0], previous[1].value).set(0)
+        metrics.SERVING_MODEL.labels(str(project), version, kind.value).set(1)
+        self._reported[project] = (version, kind)
+
     def zero_shot_served(self, spec: ClassificationSpec, project: Optional[int] = None) -> Served:
         version = self.zero_shot_version(spec)
-        if project is not None and self._reported.get(project) != version:
-            previous = self._reported.get(project)
-            if previous:
-                metrics.SERVING_MODEL.labels(str(project), previous, ModelKind.ZEROSHOT.value).set(0)
-            metrics.SERVING_MODEL.labels(str(project), version, ModelKind.ZEROSHOT.value).set(1)
-            self._reported[project] = version
+        if project is not None:
+            self._report(project, version, ModelKind.ZEROSHOT)
         return Served(version, ModelKind.ZEROSHOT, spec.labels, spec.multi_label, self.zero_shot)
+
+    async def light_served(self, project: int, spec: ClassificationSpec) -> Served:
+        """The project's embedding head if it serves, else the zero-shot baseline."""
+        if self.heads is not None:
+            await self.heads.prepare(project)
+            head = self.heads.serving(project, spec)
+            if head is not None:
+                self._report(project, head[1], ModelKind.HEAD)
+                return Served(head[1], ModelKind.HEAD, head[0].labels, head[0].multi_label, head[0], self.zero_shot)
+        return self.zero_shot_served(spec, project)
 
     async def acquire(self, project: int, spec: ClassificationSpec) -> Served:
         served = self.loaded(project)
@@ -237,7 +289,7 @@ class ModelRegistry:
                 if project in self._loaded:
                     self._loaded.move_to_end(project)
             return served
-        return self.zero_shot_served(spec, project)
+        return await self.light_served(project, spec)
 
     def _load_blocking(self, project: int, version: str) -> Served:
         path = self.store.local_path(project, version)
@@ -299,13 +351,15 @@ class ModelRegistry:
             log.info("project %s: serving %s", project, served.version)
         metrics.SERVING_MODEL.labels(str(project), served.version, served.kind.value).set(1)
         if project in self._reported:
-            metrics.SERVING_MODEL.labels(str(project), self._reported.pop(project), ModelKind.ZEROSHOT.value).set(0)
+            version, kind = self._reported.pop(project)
+            metrics.SERVING_MODEL.labels(str(project), version, kind.value).set(0)
         # In-flight requests keep their reference to the old model; memory returns once they finish.
         del old, evicted
         release_memory()
 
     async def predict(self, served: Served, spec: ClassificationSpec, texts: Sequence[str], queue) -> np.ndarray:
-        return await queue.run(served.key(spec), texts, served.runner(spec))
+        raw = await queue.run(served.key(spec), texts, served.runner(spec))
+        return served.finish(raw) if len(texts) else raw
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)

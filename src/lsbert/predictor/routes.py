@@ -131,6 +131,8 @@ class LabelStudioEndpoints:
             if schema is not None and not isinstance(schema, str):
                 raise BadRequest("'schema' must be the labelling config as an XML string")
             await self.service.registry.read_pointer(project)  # off the event loop, bounded
+            if self.service.heads is not None:
+                await self.service.heads.prepare(project)  # the head state, read once, bounded
             version = self.service.setup(project, schema)
             return {"model_version": version}
 
@@ -174,6 +176,11 @@ class LabelStudioEndpoints:
                 self.service.registry.remember(project, self.service.spec_from_config(project_obj["label_config"]))
             except LabelConfigError:
                 pass  # the event is still counted; /predict reports the config problem
+        if self.service.heads is not None:
+            try:
+                self.service.heads.on_event(action, project, body)
+            except Exception as exc:  # the head is a bonus: an odd payload must not fail the event
+                log.warning("project %s: %s not applied to the embedding head: %s", project, action, exc)
         if self.scheduler is None:
             return {"status": "ignored", "action": action, "reason": "training is disabled"}
         return await self.scheduler.handle_event(action, project, body)
@@ -205,7 +212,10 @@ class LabelStudioEndpoints:
                 promoted, infos = await self._read_project(pid)
             except Exception as exc:  # one unreadable project never fails the answer for the others
                 log.warning("/versions: cannot read project %s: %s", pid, exc or type(exc).__name__)
-                details[str(pid)] = {"error": f"cannot read the project's checkpoints: {type(exc).__name__}"}
+                details[str(pid)] = {
+                    "error": f"cannot read the project's checkpoints: {type(exc).__name__}",
+                    "serving": self._serving(pid),
+                }
                 continue
             entries = []
             for info in reversed(infos):
@@ -219,7 +229,7 @@ class LabelStudioEndpoints:
                         "promotion": info.metadata.get("promotion"),
                     }
                 )
-            details[str(pid)] = {"promoted": promoted, "versions": entries}
+            details[str(pid)] = {"promoted": promoted, "versions": entries, "serving": self._serving(pid)}
             if training.get(str(pid)):
                 # the active or last run, with why it is pending or failed (as /health has it)
                 details[str(pid)]["training"] = training[str(pid)]
@@ -241,6 +251,16 @@ class LabelStudioEndpoints:
 
             read.add_done_callback(done)
         return await asyncio.wait_for(asyncio.shield(read), STORE_READ_TIMEOUT_S)
+
+    def _serving(self, project: int) -> dict[str, Any]:
+        """Which kind of model serves the project here now, and its embedding head's held-out scores."""
+        registry = self.service.registry
+        kind, version = registry.serving_kind(project, registry.spec(project))
+        answer: dict[str, Any] = {"kind": kind.value, "version": version}
+        head = self.service.heads.status(project) if self.service.heads is not None else None
+        if head is not None:
+            answer["head"] = head
+        return answer
 
 
 def register_label_studio_routes(

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from lsbert.predictor.inference import InferenceQueue
 from lsbert.predictor.registry import ModelRegistry
 from lsbert.predictor.results import Prediction, decide, project_probabilities, task_text, to_label_studio
 from lsbert.predictor.textsource import TextSourceError, fetch_text
+
+if TYPE_CHECKING:
+    from lsbert.predictor.heads import HeadKeeper
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,11 @@ class PredictorService:
         self._loaded = threading.Event()
         self._spec_cache: OrderedDict[str, ClassificationSpec] = OrderedDict()
         self._spec_cache_bytes = 0
+        self.heads: Optional[HeadKeeper] = None  # embedding heads (set by the server when enabled)
+
+    def attach_heads(self, heads: HeadKeeper) -> None:
+        self.heads = heads
+        self.registry.heads = heads
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def load(self) -> None:
@@ -238,6 +246,8 @@ class PredictorService:
         return await self._classify(project, spec, texts)
 
     def close(self) -> None:
+        if self.heads is not None:
+            self.heads.close()
         self.queue.close()
         self.registry.close()
 

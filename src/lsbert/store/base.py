@@ -7,6 +7,8 @@ Layout under the root (``MODEL_DIR``)::
     <root>/<project>/PROMOTED            pointer {"version": ..., "promoted_at": ..., "previous": ...};
                                          replaced atomically ("previous" only when there was one)
     <root>/<project>/.reserved-<NNNN>    sequence reservation taken by next_version (create-if-absent)
+    <root>/<project>/.head/state.npz     the project's embedding head and the labelled examples it was fitted
+                                         on (one file, replaced atomically; never a version)
 
 Versions are ``<FINETUNED_MODEL_NAME>-<NNNN>`` with a per-project sequence number. Readers only ever see
 complete versions, and the pointer only ever names a complete version: a crash at any step leaves the
@@ -35,6 +37,8 @@ METADATA_FILE = "lsbert.json"
 POINTER_FILE = "PROMOTED"
 STORE_KEY = "_store"  # store-managed section of lsbert.json
 RESERVED_PREFIX = ".reserved-"
+HEAD_DIR = ".head"  # under a project: the embedding head's state (a hidden name: never a version)
+HEAD_FILE = "state.npz"
 STALE_AFTER_S = 3600.0  # abandoned staging dirs / partial uploads older than this are removed by prune()
 VERSION_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<seq>\d{4,})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -195,6 +199,22 @@ class CheckpointStore(ABC):
         Returns the deleted ids, oldest first. Also removes abandoned staging dirs / partial uploads older
         than STALE_AFTER_S and superseded reservations (the highest sequence number stays reserved, so ids
         are never reused)."""
+
+    # ---- the embedding head's state -------------------------------------------------------------------
+    # One opaque file per project (``lsbert.model.headstate`` encodes it), replaced atomically: readers see
+    # the old or the new bytes. A tag (size and mtime locally, the ETag on S3) tells whether it changed.
+
+    @abstractmethod
+    def read_head(self, project: int) -> Optional[tuple[bytes, str]]:
+        """The project's head state and its tag, or None if there is none."""
+
+    @abstractmethod
+    def write_head(self, project: int, data: bytes) -> str:
+        """Replace the project's head state in one step; returns its new tag."""
+
+    @abstractmethod
+    def head_tag(self, project: int) -> Optional[str]:
+        """The tag of the project's head state (cheap: no download), or None if there is none."""
 
     def update_metadata(self, project: int, version: str, updates: dict[str, Any]) -> None:
         """Merge ``updates`` into a complete version's lsbert.json (e.g. the promotion decision).

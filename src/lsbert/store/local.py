@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from lsbert.store.base import (
+    HEAD_DIR,
+    HEAD_FILE,
     METADATA_FILE,
     POINTER_FILE,
     RESERVED_PREFIX,
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 STAGING_PREFIX = ".staging-"
 DELETING_PREFIX = ".deleting-"
 POINTER_TMP_PREFIX = f".{POINTER_FILE}.tmp-"
+HEAD_TMP_PREFIX = f".{HEAD_FILE}.tmp-"
 METADATA_TMP_PREFIX = f".{METADATA_FILE}.tmp-"
 LOCK_FILE = ".metadata.lock"
 
@@ -337,6 +340,67 @@ class LocalStore(CheckpointStore):
             raise
         _fsync_dir(pdir)
         self._fault("promote:after-pointer")
+
+    # ---- the embedding head's state -----------------------------------------------------------------
+
+    def _head_path(self, project: int) -> Path:
+        return self._project_dir(project) / HEAD_DIR / HEAD_FILE
+
+    @staticmethod
+    def _tag(st: os.stat_result) -> str:
+        return f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}"
+
+    def read_head(self, project: int) -> Optional[tuple[bytes, str]]:
+        path = self._head_path(project)
+        try:
+            with open(path, "rb") as fh:  # tag and bytes of the same file, even if it is replaced meanwhile
+                return fh.read(), self._tag(os.fstat(fh.fileno()))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except PermissionError:
+            raise _permission_denied("reading", path) from None
+        except OSError as exc:
+            raise StoreError(f"reading {path} failed: {exc.strerror or exc}") from exc
+
+    def head_tag(self, project: int) -> Optional[str]:
+        path = self._head_path(project)
+        try:
+            return self._tag(path.stat())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise StoreError(f"reading {path} failed: {exc.strerror or exc}") from exc
+
+    def write_head(self, project: int, data: bytes) -> str:
+        target = self._head_path(project)
+        hdir = target.parent
+        self._ensure_project_dir(project)
+        with _os_errors("creating", hdir):
+            hdir.mkdir(exist_ok=True)
+        self._clean_head_temps(hdir)
+        tmp = hdir / f"{HEAD_TMP_PREFIX}{secrets.token_hex(4)}"
+        try:
+            with _os_errors("writing", tmp):
+                _write_file(tmp, data, exclusive=True)
+            with _os_errors("replacing", target):
+                os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _fsync_dir(hdir)
+        with _os_errors("reading", target):
+            return self._tag(target.stat())
+
+    @staticmethod
+    def _clean_head_temps(hdir: Path) -> None:
+        """Temp files a killed writer left behind (older than STALE_AFTER_S, so never one being written)."""
+        now = time.time()
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(hdir):
+                if entry.name.startswith(HEAD_TMP_PREFIX) and now - entry.stat().st_mtime > STALE_AFTER_S:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
 
     @contextlib.contextmanager
     def _metadata_lock(self, project: int) -> Iterator[None]:

@@ -38,6 +38,8 @@ from botocore.exceptions import (
 )
 
 from lsbert.store.base import (
+    HEAD_DIR,
+    HEAD_FILE,
     METADATA_FILE,
     POINTER_FILE,
     RESERVED_PREFIX,
@@ -385,6 +387,50 @@ class S3Store(S3LocalCache, CheckpointStore):
             ContentType="application/json",
         )
         self._fault("promote:after-pointer")
+
+    # ---- the embedding head's state (one object, replaced by one PUT) ---------------------------------
+
+    def _head_key(self, project: int) -> str:
+        return self._project_prefix(project) + f"{HEAD_DIR}/{HEAD_FILE}"
+
+    def read_head(self, project: int) -> Optional[tuple[bytes, str]]:
+        key = self._head_key(project)
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            return resp["Body"].read(), str(resp.get("ETag", "")).strip('"')
+        except ClientError as exc:
+            code, status = error_code(exc)
+            if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
+                return None
+            raise self._error(exc, "reading", key) from exc
+        except (BotoCoreError, Boto3Error) as exc:
+            raise self._error(exc, "reading", key) from exc
+
+    def head_tag(self, project: int) -> Optional[str]:
+        key = self._head_key(project)
+        try:
+            resp = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            code, status = error_code(exc)
+            if code in ("NoSuchKey", "404", "NotFound") or (status == 404 and code != "NoSuchBucket"):
+                return None
+            raise self._error(exc, "reading", key) from exc
+        except (BotoCoreError, Boto3Error) as exc:
+            raise self._error(exc, "reading", key) from exc
+        return str(resp.get("ETag", "")).strip('"')
+
+    def write_head(self, project: int, data: bytes) -> str:
+        key = self._head_key(project)
+        resp = self._call(
+            "writing",
+            key,
+            self._client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentType="application/octet-stream",
+        )
+        return str(resp.get("ETag", "")).strip('"')
 
     def update_metadata(self, project: int, version: str, updates: dict[str, Any]) -> None:
         """Read-merge-write with ``If-Match`` on the ETag read, so a concurrent update is not lost and a

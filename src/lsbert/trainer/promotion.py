@@ -1,8 +1,9 @@
 """The promotion gate: does a new checkpoint replace the model that serves the project now?
 
 The score is macro-F1 on the validation split. The serving model is the project's promoted checkpoint, or,
-before any fine-tune, the zero-shot baseline; it is scored on the *same* validation examples, restricted
-to the labels the config has now. The new checkpoint is promoted iff
+before any fine-tune, the project's embedding head where it serves (its state in the checkpoint store says
+so), else the zero-shot baseline; it is scored on the *same* validation examples, restricted to the labels
+the config has now. The new checkpoint is promoted iff
 
     new_score >= serving_score - PROMOTION_MARGIN
 
@@ -23,6 +24,7 @@ from lsbert.labelconfig import ClassificationSpec
 from lsbert.model import ModelKind
 from lsbert.model.decision import choose
 from lsbert.model.engine import SequenceClassifier, ZeroShotClassifier
+from lsbert.model.headstate import HeadState
 from lsbert.model.runtime import Runtime, release_memory
 from lsbert.store import CheckpointStore, StoreError
 from lsbert.trainer.dataset import Example
@@ -150,6 +152,40 @@ def _score_zeroshot(
         release_memory()
 
 
+def serving_head(store: CheckpointStore, project: int, baseline_model: str) -> Optional[HeadState]:
+    """The project's embedding head state if its head serves (fitted on ``baseline_model``'s embeddings)."""
+    try:
+        found = store.read_head(project)
+        state = HeadState.from_bytes(found[0]) if found else None
+    except (StoreError, OSError, ValueError) as exc:
+        log.warning("cannot read the embedding head of project %s: %s", project, exc)
+        return None
+    if state is None or not state.serves or state.head is None or state.baseline != baseline_model:
+        return None
+    return state
+
+
+def _score_head(
+    state: HeadState,
+    name: str,
+    runtime: Runtime,
+    spec: ClassificationSpec,
+    validation: Sequence[Example],
+    max_length: int,
+    token: Optional[str],
+    threshold: float,
+) -> list[tuple[str, ...]]:
+    assert state.head is not None
+    encoder = ZeroShotClassifier(name, runtime, max_length=max_length, token=token)
+    try:
+        proba = state.head.predict_proba(encoder.embed([e.text for e in validation]))
+    finally:
+        del encoder
+        release_memory()
+    proba = restrict_proba(proba, state.head.labels, spec.labels)
+    return predictions_for(proba, spec.labels, spec.multi_label, state.head.multi_label, threshold)
+
+
 def evaluate_serving(
     store: CheckpointStore,
     project: int,
@@ -167,7 +203,8 @@ def evaluate_serving(
     the serving ``MULTI_LABEL_THRESHOLD``).
 
     A promoted checkpoint that cannot be loaded is not serving either (the predictor falls back to the
-    zero-shot baseline then), so the baseline is scored instead and the reason recorded."""
+    embedding head or the zero-shot baseline then), so that is scored instead and the reason recorded.
+    A head serves only the label set and choice mode it was fitted for, as in the predictor."""
     truth = [e.labels for e in validation]
     note = None
     if serving_version is not None:
@@ -181,7 +218,17 @@ def evaluate_serving(
             )
         except (StoreError, OSError, ValueError, KeyError) as exc:
             note = f"promoted version {serving_version} could not be evaluated ({type(exc).__name__}: {exc})"
-            log.warning("%s; comparing with the zero-shot baseline instead", note)
+            log.warning("%s; comparing with the embedding head or the zero-shot baseline instead", note)
+    state = serving_head(store, project, baseline_model)
+    if (
+        state is not None
+        and state.head is not None
+        and state.head.multi_label == spec.multi_label
+        and state.head.labels == spec.labels
+    ):
+        predicted = _score_head(state, baseline_model, runtime, spec, validation, max_length, token, threshold)
+        metrics = classification_metrics(truth, predicted, spec.labels, spec.multi_label)
+        return ServingEvaluation(ModelKind.HEAD, state.version, metrics, note)
     predicted = _score_zeroshot(baseline_model, runtime, spec, validation, max_length, token, threshold)
     metrics = classification_metrics(truth, predicted, spec.labels, spec.multi_label)
     return ServingEvaluation(ModelKind.ZEROSHOT, None, metrics, note)
