@@ -275,8 +275,9 @@ class Assessment:
 
     @property
     def zero_shot_loses(self) -> bool:
-        """Zero-shot scores below the prior (always the most frequent label) on the labels seen so far."""
-        if self.zero_shot_score is None or self.prior_score is None or not self.enough_examples:
+        """Zero-shot scores below the prior (always the most frequent label) by ``MARGIN`` on the labels seen
+        so far (at least ``MIN_EXAMPLES_TO_SERVE``; neither rival is fitted, so no label needs a minimum)."""
+        if self.zero_shot_score is None or self.prior_score is None or self.examples < MIN_EXAMPLES_TO_SERVE:
             return False
         return self.zero_shot_score + MARGIN <= self.prior_score
 
