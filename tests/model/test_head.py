@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import numpy as np
@@ -49,7 +50,8 @@ def test_head_probabilities_are_calibrated_on_held_out_tasks(request, data):
     calibrated = head.fit(x, answers, split.labels, False).predict_proba(x_test)
     raw = head.fit(x, answers, split.labels, False, calibrate=False).predict_proba(x_test)
     ece, raw_ece = expected_calibration_error(calibrated, truth), expected_calibration_error(raw, truth)
-    print(f"{data}: ECE {raw_ece:.3f} -> {ece:.3f}, log-loss {log_loss(raw, truth):.3f} -> {log_loss(calibrated, truth):.3f}")
+    losses = log_loss(raw, truth), log_loss(calibrated, truth)
+    print(f"{data}: ECE {raw_ece:.3f} -> {ece:.3f}, log-loss {losses[0]:.3f} -> {losses[1]:.3f}")
     assert ece <= 0.12
     assert log_loss(calibrated, truth) <= log_loss(raw, truth) + 0.05
     # calibration scales the scores, never the decisions
@@ -72,7 +74,7 @@ def test_multi_label_head_learns_texts_about_two_topics(zero_shot: ZeroShotClass
     embedded = zero_shot.embed(texts)
     fit_n = 200
     fitted = head.fit(embedded[:fit_n], answers[:fit_n], labels, multi_label=True)
-    truth = head._targets(answers[fit_n:], labels)
+    truth = np.array([[label in a for label in labels] for a in answers[fit_n:]], dtype=np.int8)
     decided = (fitted.predict_proba(embedded[fit_n:]) >= 0.5).astype(np.int8)
     head_f1 = head.macro_f1(truth, decided, multi_label=True)
     zero = (zero_shot.proba_from_embeddings(embedded[fit_n:], labels, True) >= 0.5).astype(np.int8)
@@ -134,7 +136,9 @@ def test_assess_serves_the_head_only_with_enough_labels(zero_shot: ZeroShotClass
     few = head.Assessment(examples=9, head_score=0.9, zero_shot_score=0.3, prior_score=0.2, fewest=3)
     assert not few.head_serves
     # nor when it wins by less than the margin
-    close = head.Assessment(examples=90, head_score=0.5, zero_shot_score=0.5 - head.MARGIN / 2, prior_score=0.2, fewest=30)
+    close = head.Assessment(
+        examples=90, head_score=0.5, zero_shot_score=0.5 - head.MARGIN / 2, prior_score=0.2, fewest=30
+    )
     assert not close.head_serves
 
 
@@ -169,8 +173,6 @@ def test_round_trip_keeps_the_head_and_refuses_anything_else(rotten_tomatoes_3: 
 
     def meta(**fields) -> np.ndarray:
         base = {"format": head.FORMAT, "labels": list(fitted.labels), "multi_label": False, "examples": 30}
-        import json
-
         return np.frombuffer(json.dumps({**base, **fields}).encode(), np.uint8)
 
     tampered = [
@@ -186,7 +188,7 @@ def test_round_trip_keeps_the_head_and_refuses_anything_else(rotten_tomatoes_3: 
         # an object array can only be read by unpickling it: refused, never run
         npz(coef=np.array([object()], dtype=object), intercept=fitted.intercept, meta=meta()),
     ]
-    for i, bad in enumerate(tampered):
+    for bad in tampered:
         with pytest.raises(ValueError):
             head.Head.from_bytes(bad)
     assert b"pickle" not in raw.lower()
