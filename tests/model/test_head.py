@@ -158,6 +158,40 @@ def test_zero_shot_that_loses_to_the_prior_is_flagged(rotten_tomatoes_3: Split):
     assert not head.assess(x[:6], answers[:6], labels, False, always_wrong[:6]).zero_shot_loses
 
 
+def test_what_serves_follows_the_held_out_scores():
+    enough = {"examples": 60, "fewest": 20}
+    # the head beats both rivals
+    assert head.Assessment(head_score=0.7, zero_shot_score=0.4, prior_score=0.3, **enough).serving == "head"
+    # zero-shot holds its own and the head does not beat it by the margin
+    assert head.Assessment(head_score=0.41, zero_shot_score=0.4, prior_score=0.3, **enough).serving == "zeroshot"
+    # zero-shot loses to the prior: the better of the head and the prior answers
+    assert head.Assessment(head_score=0.35, zero_shot_score=0.1, prior_score=0.3, **enough).serving == "head"
+    assert head.Assessment(head_score=0.25, zero_shot_score=0.1, prior_score=0.3, **enough).serving == "prior"
+    # a head with too few examples of a label never answers, even against a losing zero-shot
+    few = head.Assessment(examples=60, head_score=0.9, zero_shot_score=0.1, prior_score=0.3, fewest=1)
+    assert few.serving == "prior"
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_the_prior_answers_the_commonest_label_with_its_frequency(rotten_tomatoes_3: Split, multi_label):
+    x, answers = rotten_tomatoes_3.train(10)
+    labels = (*rotten_tomatoes_3.labels, "never")
+    keep = [i for i, a in enumerate(answers) if a[0] != "plot" or i % 5 == 0]  # plot: the rarest
+    x, answers = x[keep], [answers[i] for i in keep]
+    fitted = head.prior(x, answers, labels, multi_label)
+    proba = fitted.predict_proba(x)
+    assert np.allclose(proba, proba[0]), "the prior ignores the text"
+    frequency = {label: sum(label in a for a in answers) / len(answers) for label in labels}
+    if multi_label:
+        assert [labels[j] for j in np.flatnonzero(proba[0] >= 0.5)] == [], "no label is on most texts"
+        assert proba[0][labels.index("fresh")] == pytest.approx(frequency["fresh"], abs=0.01)
+    else:
+        assert proba[0].argmax() == max(range(3), key=lambda j: frequency[labels[j]])
+        assert proba[0][:3] == pytest.approx([frequency[label] for label in labels[:3]], abs=0.01)
+    assert proba[0][labels.index("never")] < 0.05
+    assert head.Head.from_bytes(fitted.to_bytes()).labels == labels
+
+
 def test_round_trip_keeps_the_head_and_refuses_anything_else(rotten_tomatoes_3: Split):
     x, answers = rotten_tomatoes_3.train(10)
     fitted = head.fit(x, answers, rotten_tomatoes_3.labels, False)

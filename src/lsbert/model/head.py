@@ -249,6 +249,26 @@ def fit(
     return Head(tuple(labels), multi_label, coef, intercept, len(x))
 
 
+def prior(embeddings: np.ndarray, answers: Sequence[Sequence[str]], labels: Sequence[str], multi_label: bool) -> Head:
+    """The label prior as a head: no weights, each label's log frequency (log-odds for multi-label) as its
+    intercept, so it always answers the most frequent label(s), with their frequency as the probability."""
+    x, answers = _recent(np.asarray(embeddings, dtype=np.float32), answers)
+    y = _targets(answers, labels).astype(np.float64)
+    count = max(len(y), 1)
+    frequency = np.clip(y.sum(axis=0) / count, 0.5 / count, 1 - 0.5 / count)
+    if multi_label:
+        intercept = np.log(frequency / (1 - frequency))
+    else:
+        intercept = np.where(y.sum(axis=0) > 0, np.log(frequency), -UNSEEN_LOGIT)
+    return Head(
+        tuple(labels),
+        multi_label,
+        np.zeros((len(labels), x.shape[1]), np.float32),
+        intercept.astype(np.float32),
+        len(y),
+    )
+
+
 @dataclass(frozen=True)
 class Assessment:
     """Out-of-fold macro-F1 of the head, of zero-shot and of always answering the most frequent label, on the
@@ -272,6 +292,19 @@ class Assessment:
             return False
         rivals = [s for s in (self.zero_shot_score, self.prior_score) if s is not None]
         return all(self.head_score >= s + MARGIN for s in rivals)
+
+    @property
+    def serving(self) -> str:
+        """What should answer: ``"head"``, ``"prior"`` or ``"zeroshot"``. The head when it beats both rivals;
+        where zero-shot loses to the prior, the better of the head and the prior; else zero-shot."""
+        if self.head_serves:
+            return "head"
+        if self.zero_shot_loses:
+            assert self.prior_score is not None  # zero_shot_loses compares with it
+            if self.head_score is not None and self.enough_examples and self.head_score >= self.prior_score:
+                return "head"
+            return "prior"
+        return "zeroshot"
 
     @property
     def zero_shot_loses(self) -> bool:

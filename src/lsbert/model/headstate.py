@@ -27,12 +27,14 @@ MAX_TOMBSTONES = 1000
 
 
 def head_version(head: Head) -> str:
-    """``head-<examples>-<hash>``: changes whenever the weights or the labels do."""
+    """``head-<examples>-<hash>`` (``prior-…`` for the label prior, a head without weights): changes whenever
+    the weights or the labels do."""
     digest = hashlib.sha256()
     digest.update(json.dumps([list(head.labels), head.multi_label]).encode())
     digest.update(np.ascontiguousarray(head.coef, dtype=np.float32).tobytes())
     digest.update(np.ascontiguousarray(head.intercept, dtype=np.float32).tobytes())
-    return f"head-{head.examples}-{digest.hexdigest()[:8]}"
+    kind = "head" if head.coef.any() else "prior"
+    return f"{kind}-{head.examples}-{digest.hexdigest()[:8]}"
 
 
 def assessment_steps(minimum: int) -> list[int]:

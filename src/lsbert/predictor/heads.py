@@ -34,7 +34,7 @@ import numpy as np
 
 from lsbert.labelconfig import ClassificationSpec
 from lsbert.labelstudio.examples import CANCELLED, task_example
-from lsbert.model.head import Head, assess, fit
+from lsbert.model.head import Head, assess, fit, prior
 from lsbert.model.headstate import HeadState, Labelled, assessment_steps, head_version, step_of
 from lsbert.store import CheckpointStore, StoreError
 
@@ -83,19 +83,7 @@ class ProjectHead:
 
 def zero_shot_proba(zero_shot: Any, embeddings: np.ndarray, labels: tuple[str, ...], multi_label: bool) -> np.ndarray:
     """The zero-shot baseline's probabilities for texts already embedded with its ``embed``."""
-    direct = getattr(zero_shot, "proba_from_embeddings", None)
-    if direct is not None:
-        return np.asarray(direct(embeddings, labels, multi_label), dtype=np.float32)
-    # The baseline's scoring, for an encoder without ``proba_from_embeddings``: scaled cosine similarity to
-    # each label's prompt embedding less the label's bias; softmax, or a sigmoid around the text's mean.
-    label_embedded, bias = zero_shot.label_embeddings(labels)
-    logits = (np.asarray(embeddings) @ label_embedded.T - bias) * zero_shot.SCALE
-    if multi_label:
-        centred = logits - logits.mean(axis=1, keepdims=True)
-        return (1.0 / (1.0 + np.exp(-centred))).astype(np.float32)
-    logits = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    return np.asarray(zero_shot.proba_from_embeddings(embeddings, labels, multi_label), dtype=np.float32)
 
 
 def _int(value: Any) -> Optional[int]:
@@ -423,15 +411,18 @@ class HeadKeeper:
         started = time.perf_counter()
 
         def work() -> tuple[Head, Any]:
-            head = fit(embeddings, answers, labels, multi_label)
             rivals = zero_shot_proba(zero_shot, embeddings, labels, multi_label)
-            return head, assess(embeddings, answers, labels, multi_label, rivals, threshold)
+            assessment = assess(embeddings, answers, labels, multi_label, rivals, threshold)
+            if assessment.serving == "prior":  # zero-shot loses to the label prior, and so does the head
+                return prior(embeddings, answers, labels, multi_label), assessment
+            return fit(embeddings, answers, labels, multi_label), assessment
 
         head, assessment = await asyncio.get_running_loop().run_in_executor(self._executor, work)
         previous = state.version
         state.head, state.version = head, head_version(head)
-        state.serves = assessment.head_serves
+        state.serves = assessment.serving != "zeroshot"
         state.assessment = {
+            "serving": assessment.serving,
             "examples": assessment.examples,
             "head_macro_f1": _rounded(assessment.head_score),
             "zero_shot_macro_f1": _rounded(assessment.zero_shot_score),
@@ -447,7 +438,11 @@ class HeadKeeper:
             _shown(assessment.head_score),
             _shown(assessment.zero_shot_score),
             _shown(assessment.prior_score),
-            "the head serves" if state.serves else "zero-shot keeps serving",
+            {
+                "head": "the head serves",
+                "prior": "zero-shot loses to the label prior: the prior serves",
+                "zeroshot": "zero-shot keeps serving",
+            }[assessment.serving],
         )
         if previous and previous != state.version:
             log.debug("project %s: head %s replaced by %s", project, previous, state.version)

@@ -134,7 +134,8 @@ class ModelRegistry:
 
     # --- versions -----------------------------------------------------------------------------------
     def zero_shot_version(self, spec: ClassificationSpec) -> str:
-        return f"zeroshot-{short_name(self.baseline_name)}-{spec.fingerprint}"
+        # the scoring's revision is part of the version: Label Studio re-predicts when zero-shot changes
+        return f"zeroshot-{short_name(self.baseline_name)}-r{ZeroShotClassifier.REVISION}-{spec.fingerprint}"
 
     def set_pointer(self, project: int, version: Optional[str]) -> None:
         self._pointers[project] = version
