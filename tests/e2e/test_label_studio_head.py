@@ -87,3 +87,24 @@ def test_annotating_alone_serves_a_head_that_beats_zero_shot(label_studio, serve
         f"held-out macro-F1 at the last step {serving['head']['assessment']}"
     )
     assert after >= before + 0.15, f"the head ({after:.3f}) does not beat zero-shot ({before:.3f}) by 0.15"
+
+    # A predictor that starts on an empty store (a new replica, a lost volume) rebuilds the head from Label
+    # Studio's API on its first request for the project, with no new annotation.
+    rebuilt = server_factory(
+        {
+            "LABEL_STUDIO_URL": label_studio.url,
+            "LABEL_STUDIO_API_KEY": label_studio.create_personal_access_token(),
+            "TRAINING_LAUNCHER": "none",
+        },
+        name="e2e-head-rebuilt",
+    )
+    assert requests.post(rebuilt.url + "/setup", json=setup, timeout=30).status_code == 200
+    deadline, again = time.time() + 120, {}
+    while time.time() < deadline:
+        again = requests.get(rebuilt.url + "/versions", params={"project": project.id}, timeout=30).json()
+        again = again["projects"][str(project.id)]["serving"]
+        if again["kind"] == "head" and again["head"]["examples"] == len(train):
+            break
+        time.sleep(1)
+    assert again.get("kind") == "head" and again["head"]["examples"] == len(train), f"{again}\n{rebuilt.log()[-3000:]}"
+    assert requests.post(rebuilt.url + "/setup", json=setup, timeout=30).json()["model_version"] == again["version"]
