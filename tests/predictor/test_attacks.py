@@ -413,6 +413,28 @@ def test_a_single_task_is_not_starved_by_a_bulk_request(target):
     assert max(singles) < max(2.0, bulk_seconds / 4), (singles, bulk_seconds)
 
 
+def test_a_new_large_zero_shot_label_set_does_not_hold_up_other_projects(target):
+    # 1,000 labels never seen before: 4,000 label prompts to embed before the first answer over them
+    labels = [f"topic number {i} of a long list of categories" for i in range(1000)]
+    big = json.dumps({"instances": ["one text"], "labels": labels}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        future = pool.submit(post, target, "/v1/models/lsbert:predict", big, timeout=600)
+        time.sleep(1.0)  # the label prompts are queued
+        singles = []
+        while not future.done() and len(singles) < 10:
+            t0 = time.perf_counter()
+            response = post(target, "/predict", predict_body("an annotator opens one task", project="13.1"))
+            assert response.status_code == 200
+            singles.append(time.perf_counter() - t0)
+        answer = future.result()
+        assert answer.status_code == 200, answer.text
+        big_seconds = time.perf_counter() - started
+    assert len(answer.json()["predictions"]) == 1
+    assert singles, "the new label set was embedded before any other request was sent"
+    assert max(singles) < max(2.0, big_seconds / 4), (singles, big_seconds)
+
+
 # --- no blocking I/O on the event loop -----------------------------------------------------------------
 def test_a_store_that_never_answers_blocks_no_one(server_factory, tmp_path):
     """The promotion pointer of one project is a FIFO nobody writes: reading it hangs for ever."""

@@ -185,19 +185,29 @@ class ZeroShotClassifier:
 
         return self.encoder.run(texts, forward)
 
-    def label_embeddings(self, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings of a label set and each label's bias, kept in an LRU bounded by ``LABEL_CACHE_BYTES``."""
+    def label_prompts(self, labels: tuple[str, ...]) -> list[str]:
+        """The texts whose embeddings make a label set's embeddings (``TEMPLATES`` × labels)."""
+        return [template.format(label) for template in self.TEMPLATES for label in labels]
+
+    def cached_labels(self, labels: tuple[str, ...]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """A label set's embeddings and biases if they are cached (never computes)."""
         cached = self._label_cache.get(labels)
         if cached is not None:
             self._label_cache.move_to_end(labels)
-            return cached
-        prompts = self.embed([template.format(label) for template in self.TEMPLATES for label in labels])
-        embedded = prompts.reshape(len(self.TEMPLATES), len(labels), -1).mean(axis=0)
+        return cached
+
+    def remember_labels(self, labels: tuple[str, ...], prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Make a label set's embeddings from its prompts' (``embed(label_prompts(labels))``) and cache them in
+        an LRU bounded by ``LABEL_CACHE_BYTES``."""
+        embedded = np.asarray(prompts, dtype=np.float32).reshape(len(self.TEMPLATES), len(labels), -1).mean(axis=0)
         embedded /= np.maximum(np.linalg.norm(embedded, axis=1, keepdims=True), 1e-12)
         if self.ANCHORS:
             bias = (self.embed(list(self.ANCHORS)) @ embedded.T).mean(axis=0)
         else:
             bias = np.zeros(len(labels), dtype=np.float32)
+        previous = self._label_cache.pop(labels, None)
+        if previous is not None:
+            self._label_cache_bytes -= _entry_bytes(labels, previous)
         cached = self._label_cache[labels] = (embedded, bias)
         self._label_cache_bytes += _entry_bytes(labels, cached)
         while len(self._label_cache) > 1 and self._label_cache_bytes > LABEL_CACHE_BYTES:
@@ -205,14 +215,33 @@ class ZeroShotClassifier:
             self._label_cache_bytes -= _entry_bytes(old_labels, old)
         return cached
 
-    def similarities(self, embedded: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
-        """Bias-corrected cosine similarities (texts × labels) of texts already embedded with :meth:`embed`."""
-        label_embedded, bias = self.label_embeddings(labels)
+    def label_embeddings(self, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of a label set and each label's bias, from the cache or computed now (blocking)."""
+        cached = self.cached_labels(labels)
+        if cached is not None:
+            return cached
+        return self.remember_labels(labels, self.embed(self.label_prompts(labels)))
+
+    def similarities(
+        self,
+        embedded: np.ndarray,
+        labels: tuple[str, ...],
+        label_vectors: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    ) -> np.ndarray:
+        """Bias-corrected cosine similarities (texts × labels) of texts already embedded with :meth:`embed`
+        (``label_vectors``: the label set's embeddings and biases, if the caller has them)."""
+        label_embedded, bias = label_vectors if label_vectors is not None else self.label_embeddings(labels)
         return np.asarray(embedded, dtype=np.float32) @ label_embedded.T - bias
 
-    def proba_from_embeddings(self, embedded: np.ndarray, labels: tuple[str, ...], multi_label: bool) -> np.ndarray:
+    def proba_from_embeddings(
+        self,
+        embedded: np.ndarray,
+        labels: tuple[str, ...],
+        multi_label: bool,
+        label_vectors: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    ) -> np.ndarray:
         """Probabilities (texts × labels) of texts already embedded with :meth:`embed`."""
-        return similarity_proba(self.similarities(embedded, labels), self.SCALE, multi_label)
+        return similarity_proba(self.similarities(embedded, labels, label_vectors), self.SCALE, multi_label)
 
     def predict_proba(self, texts: Sequence[str], labels: tuple[str, ...], multi_label: bool) -> np.ndarray:
         if not texts:

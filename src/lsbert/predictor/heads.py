@@ -36,6 +36,7 @@ from lsbert.labelconfig import ClassificationSpec
 from lsbert.labelstudio.examples import CANCELLED, task_example
 from lsbert.model.head import Head, assess, fit, prior
 from lsbert.model.headstate import HeadState, Labelled, assessment_steps, head_version, step_of
+from lsbert.predictor.inference import BULK
 from lsbert.store import CheckpointStore, StoreError
 
 if TYPE_CHECKING:
@@ -81,9 +82,15 @@ class ProjectHead:
     dirty: bool = False
 
 
-def zero_shot_proba(zero_shot: Any, embeddings: np.ndarray, labels: tuple[str, ...], multi_label: bool) -> np.ndarray:
+def zero_shot_proba(
+    zero_shot: Any,
+    embeddings: np.ndarray,
+    labels: tuple[str, ...],
+    multi_label: bool,
+    label_vectors: Optional[tuple[np.ndarray, np.ndarray]] = None,
+) -> np.ndarray:
     """The zero-shot baseline's probabilities for texts already embedded with its ``embed``."""
-    return np.asarray(zero_shot.proba_from_embeddings(embeddings, labels, multi_label), dtype=np.float32)
+    return np.asarray(zero_shot.proba_from_embeddings(embeddings, labels, multi_label, label_vectors), np.float32)
 
 
 def _int(value: Any) -> Optional[int]:
@@ -334,7 +341,8 @@ class HeadKeeper:
     async def _embed(self, texts: Sequence[str]) -> np.ndarray:
         zero_shot = self.registry.zero_shot
         assert zero_shot is not None  # the worker waits for the baseline
-        return await self.service.queue.run(("embed", id(zero_shot)), list(texts), zero_shot.embed)
+        # learning is background work: predictions people wait for go first
+        return await self.service.queue.run(("embed", id(zero_shot)), list(texts), zero_shot.embed, priority=BULK)
 
     async def _texts(self, spec: ClassificationSpec, tasks: Sequence[dict[str, Any]]) -> list[Optional[str]]:
         return await self.service._texts_of(tasks, spec)
@@ -407,11 +415,13 @@ class HeadKeeper:
             return
         labels, multi_label = state.labels, state.multi_label
         zero_shot = self.registry.zero_shot
+        assert zero_shot is not None  # examples were embedded with it
         threshold = self.service.threshold
         started = time.perf_counter()
+        label_vectors = await self.registry.label_vectors(zero_shot, labels, self.service.queue)
 
         def work() -> tuple[Head, Any]:
-            rivals = zero_shot_proba(zero_shot, embeddings, labels, multi_label)
+            rivals = zero_shot_proba(zero_shot, embeddings, labels, multi_label, label_vectors)
             assessment = assess(embeddings, answers, labels, multi_label, rivals, threshold)
             if assessment.serving == "prior":  # zero-shot loses to the label prior, and so does the head
                 return prior(embeddings, answers, labels, multi_label), assessment

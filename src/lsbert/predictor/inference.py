@@ -8,7 +8,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
@@ -42,16 +42,24 @@ class InferenceQueue:
             self._worker = asyncio.get_running_loop().create_task(self._work(), name="lsbert-inference")
         return self._queue
 
-    async def run(self, key: Hashable, texts: Sequence[str], run: Callable[[Sequence[str]], np.ndarray]) -> np.ndarray:
+    async def run(
+        self,
+        key: Hashable,
+        texts: Sequence[str],
+        run: Callable[[Sequence[str]], np.ndarray],
+        priority: Optional[int] = None,
+    ) -> np.ndarray:
         """Compute ``run(texts)`` on the worker thread; jobs with the same ``key`` may share a forward pass.
 
         A request that fits in one chunk (what Label Studio sends when an annotator opens a task) is
-        interactive and goes before the chunks of bulk requests; within a class, arrival order."""
+        interactive and goes before the chunks of bulk requests; within a class, arrival order. ``priority``
+        (``BULK``) overrides that for work nobody is waiting on interactively."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         queue = self._ensure_worker()
         loop = asyncio.get_running_loop()
-        priority = INTERACTIVE if len(texts) <= CHUNK else BULK
+        if priority is None:
+            priority = INTERACTIVE if len(texts) <= CHUNK else BULK
         futures = []
         for start in range(0, len(texts), CHUNK):
             future = loop.create_future()

@@ -24,6 +24,7 @@ from lsbert.model import ModelKind
 from lsbert.model.engine import SequenceClassifier, ZeroShotClassifier
 from lsbert.model.runtime import Runtime, release_memory
 from lsbert.modelsource import short_name
+from lsbert.predictor.inference import InferenceQueue
 from lsbert.store import CheckpointStore, StoreError
 
 if TYPE_CHECKING:
@@ -59,25 +60,33 @@ class Served:
     encoder: Any = None  # HEAD: the ZeroShotClassifier whose embeddings the head reads
 
     def key(self, spec: ClassificationSpec) -> Hashable:
-        """Requests with equal keys may share a forward pass (zero-shot: only over the same labels; heads of
+        """Requests with equal keys may share a forward pass (zero-shot over any labels and the heads of
         every project share the baseline's embedding pass)."""
         if self.kind is ModelKind.ZEROSHOT:
-            return (id(self.classifier), spec.labels, spec.multi_label)
+            return ("embed", id(self.classifier))
         if self.kind is ModelKind.HEAD:
             return ("embed", id(self.encoder))
         return id(self.classifier)
 
     def runner(self, spec: ClassificationSpec) -> Callable[[Sequence[str]], np.ndarray]:
         if self.kind is ModelKind.ZEROSHOT:
-            return lambda texts: self.classifier.predict_proba(texts, spec.labels, spec.multi_label)
+            return self.classifier.embed
         if self.kind is ModelKind.HEAD:
             return self.encoder.embed
         return self.classifier.predict_proba
 
-    def finish(self, raw: np.ndarray) -> np.ndarray:
-        """Probabilities from what the shared pass returned (a head's from the embeddings)."""
+    def finish(
+        self,
+        raw: np.ndarray,
+        spec: ClassificationSpec,
+        label_vectors: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    ) -> np.ndarray:
+        """Probabilities from what the pass returned (a head's or zero-shot's from the embeddings; cheap
+        arithmetic, fine on the event loop once zero-shot's ``label_vectors`` are at hand)."""
         if self.kind is ModelKind.HEAD:
             return self.classifier.predict_proba(raw)
+        if self.kind is ModelKind.ZEROSHOT:
+            return self.classifier.proba_from_embeddings(raw, spec.labels, spec.multi_label, label_vectors)
         return raw
 
 
@@ -112,6 +121,7 @@ class ModelRegistry:
         self.heads: Optional[HeadKeeper] = None  # set when embedding heads are enabled
         self._failures: dict[tuple[int, str], LoadFailure] = {}
         self._pointer_reads: dict[int, asyncio.Future] = {}
+        self._label_jobs: dict[tuple[int, tuple[str, ...]], asyncio.Future] = {}
 
     # --- start-up ---------------------------------------------------------------------------------
     def load_baseline(self) -> None:
@@ -358,9 +368,37 @@ class ModelRegistry:
         del old, evicted
         release_memory()
 
-    async def predict(self, served: Served, spec: ClassificationSpec, texts: Sequence[str], queue) -> np.ndarray:
+    async def label_vectors(
+        self, zero_shot: ZeroShotClassifier, labels: tuple[str, ...], queue: InferenceQueue
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A label set's zero-shot embeddings: cached, or computed once (however many requests ask) as bulk
+        work in the inference queue when large (in chunks, after interactive requests), so that a new, large
+        label set does not hold up other requests."""
+        cached = zero_shot.cached_labels(labels)
+        if cached is not None:
+            return cached
+        key = (id(zero_shot), labels)
+        job = self._label_jobs.get(key)
+        if job is None:
+
+            async def compute() -> tuple[np.ndarray, np.ndarray]:
+                prompts = zero_shot.label_prompts(labels)
+                raw = await queue.run(("embed", id(zero_shot)), prompts, zero_shot.embed)
+                return zero_shot.remember_labels(labels, raw)
+
+            job = asyncio.ensure_future(compute())
+            self._label_jobs[key] = job
+            job.add_done_callback(lambda _f: self._label_jobs.pop(key, None))
+        return await asyncio.shield(job)
+
+    async def predict(
+        self, served: Served, spec: ClassificationSpec, texts: Sequence[str], queue: InferenceQueue
+    ) -> np.ndarray:
+        label_vectors = None
+        if served.kind is ModelKind.ZEROSHOT and len(texts):
+            label_vectors = await self.label_vectors(served.classifier, spec.labels, queue)
         raw = await queue.run(served.key(spec), texts, served.runner(spec))
-        return served.finish(raw) if len(texts) else raw
+        return served.finish(raw, spec, label_vectors) if len(texts) else raw
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
