@@ -27,6 +27,18 @@ def accuracy_of(label_studio, task_ids, truth, version):
     return correct / len(task_ids)
 
 
+def head_serving(server, project_id, examples, timeout=120.0):
+    """Wait until ``server`` serves the project's head fitted on ``examples`` labels; its /versions entry."""
+    deadline, serving = time.time() + timeout, {}
+    while time.time() < deadline:
+        answer = requests.get(server.url + "/versions", params={"project": project_id}, timeout=30).json()
+        serving = answer["projects"][str(project_id)]["serving"]
+        if serving["kind"] == "head" and serving["head"]["examples"] == examples:
+            return serving
+        time.sleep(1)
+    raise AssertionError(f"no head on {examples} labels serves: {serving}\n{server.log()[-3000:]}")
+
+
 def test_annotating_alone_serves_a_head_that_beats_zero_shot(label_studio, server_factory):
     by_label = defaultdict(list)
     for text, label in rotten_tomatoes_with_plot(seed=23):
@@ -67,14 +79,7 @@ def test_annotating_alone_serves_a_head_that_beats_zero_shot(label_studio, serve
         label_studio.request("POST", f"/api/tasks/{task_id}/annotations/", json={"result": [result]})
     annotated = time.time()
 
-    deadline, serving = time.time() + 120, {}
-    while time.time() < deadline:
-        serving = requests.get(lsbert.url + "/versions", params={"project": project.id}, timeout=30).json()
-        serving = serving["projects"][str(project.id)]["serving"]
-        if serving["kind"] == "head" and serving["head"]["examples"] == len(train):
-            break
-        time.sleep(1)
-    assert serving.get("kind") == "head", f"{serving}\n{lsbert.log()[-3000:]}"
+    serving = head_serving(lsbert, project.id, len(train))
     head_version = requests.post(lsbert.url + "/setup", json=setup, timeout=30).json()["model_version"]
     assert head_version == serving["version"] and head_version.startswith("head-")
     learnt = time.time()
@@ -98,6 +103,8 @@ def test_annotating_alone_serves_a_head_that_beats_zero_shot(label_studio, serve
         },
         name="e2e-head-rebuilt",
     )
+    assert requests.post(rebuilt.url + "/setup", json=setup, timeout=30).status_code == 200
+    again = head_serving(rebuilt, project.id, len(train))
     assert requests.post(rebuilt.url + "/setup", json=setup, timeout=30).status_code == 200
     deadline, again = time.time() + 120, {}
     while time.time() < deadline:

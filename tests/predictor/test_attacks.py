@@ -392,23 +392,30 @@ def test_an_unloaded_model_fails_liveness_instead_of_staying_never_ready(server_
 
 
 # --- small requests are not starved ----------------------------------------------------------------------
+def single_tasks_during(target, path: str, big: bytes) -> tuple[list[float], float, requests.Response]:
+    """Send ``big`` and, while it runs, single-task predictions for another project one after the other:
+    their latencies, how long ``big`` took and its response."""
+    with ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        future = pool.submit(post, target, path, big, timeout=600)
+        time.sleep(1.0)  # the big request's chunks are queued
+        singles = []
+        while not future.done() and len(singles) < 10:
+            t0 = time.perf_counter()
+            response = post(target, "/predict", predict_body("an annotator opens one task", project="13.1"))
+            assert response.status_code == 200
+            singles.append(time.perf_counter() - t0)
+        answer = future.result()
+        return singles, time.perf_counter() - started, answer
+
+
 def test_a_single_task_is_not_starved_by_a_bulk_request(target):
     bulk_tasks = [
         {"id": i, "data": {"text": f"bulk review {i}: " + "quite a long sentence here " * 6}} for i in range(4000)
     ]
     bulk = json.dumps({"project": "12.1", "label_config": CONFIG, "tasks": bulk_tasks}).encode()
-    with ThreadPoolExecutor(1) as pool:
-        started = time.perf_counter()
-        future = pool.submit(post, target, "/predict", bulk, timeout=600)
-        time.sleep(1.0)  # the bulk chunks are queued
-        singles = []
-        while not future.done() and len(singles) < 10:
-            t0 = time.perf_counter()
-            response = post(target, "/predict", predict_body("an annotator opens one task", project="12.1"))
-            assert response.status_code == 200
-            singles.append(time.perf_counter() - t0)
-        assert future.result().status_code == 200
-        bulk_seconds = time.perf_counter() - started
+    singles, bulk_seconds, answer = single_tasks_during(target, "/predict", bulk)
+    assert answer.status_code == 200
     assert singles, "the bulk request finished before any single-task request was sent"
     assert max(singles) < max(2.0, bulk_seconds / 4), (singles, bulk_seconds)
 
@@ -417,19 +424,8 @@ def test_a_new_large_zero_shot_label_set_does_not_hold_up_other_projects(target)
     # 1,000 labels never seen before: 4,000 label prompts to embed before the first answer over them
     labels = [f"topic number {i} of a long list of categories" for i in range(1000)]
     big = json.dumps({"instances": ["one text"], "labels": labels}).encode()
-    with ThreadPoolExecutor(1) as pool:
-        started = time.perf_counter()
-        future = pool.submit(post, target, "/v1/models/lsbert:predict", big, timeout=600)
-        time.sleep(1.0)  # the label prompts are queued
-        singles = []
-        while not future.done() and len(singles) < 10:
-            t0 = time.perf_counter()
-            response = post(target, "/predict", predict_body("an annotator opens one task", project="13.1"))
-            assert response.status_code == 200
-            singles.append(time.perf_counter() - t0)
-        answer = future.result()
-        assert answer.status_code == 200, answer.text
-        big_seconds = time.perf_counter() - started
+    singles, big_seconds, answer = single_tasks_during(target, "/v1/models/lsbert:predict", big)
+    assert answer.status_code == 200, answer.text
     assert len(answer.json()["predictions"]) == 1
     assert singles, "the new label set was embedded before any other request was sent"
     assert max(singles) < max(2.0, big_seconds / 4), (singles, big_seconds)

@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from lsbert.store.base import (
     HEAD_DIR,
@@ -120,6 +120,22 @@ def _write_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_replacing(tmp: Path, target: Path, data: bytes, before_replace: Callable[[], None] = lambda: None) -> None:
+    """Write ``data`` to the new file ``tmp``, then rename it over ``target``: readers see the old file or the
+    new one, never a part of it; ``tmp`` is removed if anything fails."""
+    try:
+        with _os_errors("writing", tmp):
+            _write_file(tmp, data, exclusive=True)
+        before_replace()
+        with _os_errors("replacing", target):
+            os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(target.parent)
 
 
 def _copy_file(src: Path, dst: Path) -> int:
@@ -328,17 +344,7 @@ class LocalStore(CheckpointStore):
         self._fault("promote:before-pointer")
         tmp = pdir / f"{POINTER_TMP_PREFIX}{secrets.token_hex(4)}"
         target = pdir / POINTER_FILE
-        try:
-            with _os_errors("writing", tmp):
-                _write_file(tmp, pointer_bytes(version, previous), exclusive=True)
-            self._fault("promote:after-temp")
-            with _os_errors("replacing", target):
-                os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(pdir)
+        _write_replacing(tmp, target, pointer_bytes(version, previous), lambda: self._fault("promote:after-temp"))
         self._fault("promote:after-pointer")
 
     # ---- the embedding head's state -----------------------------------------------------------------
@@ -379,16 +385,7 @@ class LocalStore(CheckpointStore):
             hdir.mkdir(exist_ok=True)
         self._clean_head_temps(hdir)
         tmp = hdir / f"{HEAD_TMP_PREFIX}{secrets.token_hex(4)}"
-        try:
-            with _os_errors("writing", tmp):
-                _write_file(tmp, data, exclusive=True)
-            with _os_errors("replacing", target):
-                os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(hdir)
+        _write_replacing(tmp, target, data)
         with _os_errors("reading", target):
             return self._tag(target.stat())
 

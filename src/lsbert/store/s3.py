@@ -157,8 +157,14 @@ class S3Store(S3LocalCache, CheckpointStore):
 
     def _get(self, key: str) -> Optional[bytes]:
         """The object's bytes, or None if it does not exist (a missing bucket is an error)."""
+        found = self._get_tagged(key)
+        return None if found is None else found[0]
+
+    def _get_tagged(self, key: str) -> Optional[tuple[bytes, str]]:
+        """The object's bytes and ETag, or None if it does not exist (a missing bucket is an error)."""
         try:
-            return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            return resp["Body"].read(), str(resp.get("ETag", "")).strip('"')
         except ClientError as exc:
             code, status = error_code(exc)
             if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
@@ -394,17 +400,7 @@ class S3Store(S3LocalCache, CheckpointStore):
         return self._project_prefix(project) + f"{HEAD_DIR}/{HEAD_FILE}"
 
     def read_head(self, project: int) -> Optional[tuple[bytes, str]]:
-        key = self._head_key(project)
-        try:
-            resp = self._client.get_object(Bucket=self.bucket, Key=key)
-            return resp["Body"].read(), str(resp.get("ETag", "")).strip('"')
-        except ClientError as exc:
-            code, status = error_code(exc)
-            if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
-                return None
-            raise self._error(exc, "reading", key) from exc
-        except (BotoCoreError, Boto3Error) as exc:
-            raise self._error(exc, "reading", key) from exc
+        return self._get_tagged(self._head_key(project))
 
     def head_tag(self, project: int) -> Optional[str]:
         key = self._head_key(project)

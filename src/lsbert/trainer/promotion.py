@@ -24,6 +24,7 @@ from lsbert.labelconfig import ClassificationSpec
 from lsbert.model import ModelKind
 from lsbert.model.decision import choose
 from lsbert.model.engine import SequenceClassifier, ZeroShotClassifier
+from lsbert.model.head import Head
 from lsbert.model.headstate import HeadState
 from lsbert.model.runtime import Runtime, release_memory
 from lsbert.store import CheckpointStore, StoreError
@@ -134,7 +135,7 @@ def _score_finetuned(
         classifier.release()
 
 
-def _score_zeroshot(
+def _score_baseline(
     name: str,
     runtime: Runtime,
     spec: ClassificationSpec,
@@ -142,11 +143,17 @@ def _score_zeroshot(
     max_length: int,
     token: Optional[str],
     threshold: float,
+    head: Optional[Head] = None,
 ) -> list[tuple[str, ...]]:
+    """What the baseline serves on ``validation``: the embedding ``head`` on its embeddings, else zero-shot."""
     classifier = ZeroShotClassifier(name, runtime, max_length=max_length, token=token)
     try:
-        proba = classifier.predict_proba([e.text for e in validation], spec.labels, spec.multi_label)
-        return predictions_for(proba, spec.labels, spec.multi_label, spec.multi_label, threshold)
+        texts = [e.text for e in validation]
+        if head is None:
+            proba = classifier.predict_proba(texts, spec.labels, spec.multi_label)
+            return predictions_for(proba, spec.labels, spec.multi_label, spec.multi_label, threshold)
+        proba = restrict_proba(head.predict_proba(classifier.embed(texts)), head.labels, spec.labels)
+        return predictions_for(proba, spec.labels, spec.multi_label, head.multi_label, threshold)
     finally:
         del classifier
         release_memory()
@@ -163,27 +170,6 @@ def serving_head(store: CheckpointStore, project: int, baseline_model: str) -> O
     if state is None or not state.serves or state.head is None or state.baseline != baseline_model:
         return None
     return state
-
-
-def _score_head(
-    state: HeadState,
-    name: str,
-    runtime: Runtime,
-    spec: ClassificationSpec,
-    validation: Sequence[Example],
-    max_length: int,
-    token: Optional[str],
-    threshold: float,
-) -> list[tuple[str, ...]]:
-    assert state.head is not None
-    encoder = ZeroShotClassifier(name, runtime, max_length=max_length, token=token)
-    try:
-        proba = state.head.predict_proba(encoder.embed([e.text for e in validation]))
-    finally:
-        del encoder
-        release_memory()
-    proba = restrict_proba(proba, state.head.labels, spec.labels)
-    return predictions_for(proba, spec.labels, spec.multi_label, state.head.multi_label, threshold)
 
 
 def evaluate_serving(
@@ -226,9 +212,9 @@ def evaluate_serving(
         and state.head.multi_label == spec.multi_label
         and state.head.labels == spec.labels
     ):
-        predicted = _score_head(state, baseline_model, runtime, spec, validation, max_length, token, threshold)
+        predicted = _score_baseline(baseline_model, runtime, spec, validation, max_length, token, threshold, state.head)
         metrics = classification_metrics(truth, predicted, spec.labels, spec.multi_label)
         return ServingEvaluation(ModelKind.HEAD, state.version, metrics, note)
-    predicted = _score_zeroshot(baseline_model, runtime, spec, validation, max_length, token, threshold)
+    predicted = _score_baseline(baseline_model, runtime, spec, validation, max_length, token, threshold)
     metrics = classification_metrics(truth, predicted, spec.labels, spec.multi_label)
     return ServingEvaluation(ModelKind.ZEROSHOT, None, metrics, note)
