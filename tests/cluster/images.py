@@ -681,6 +681,9 @@ def ensure_images(torch_index: str = TORCH_INDEX) -> Images:
         with PrivateDocker() as docker:
             if not all(docker.has_image(tag) for tag in images.tags):
                 free = _free_bytes(DATA_ROOT)
+                if free < MIN_FREE_BYTES:  # older sets go first: only the newest stays for the build cache
+                    _remove_superseded(docker, keep_builds=1)
+                    free = _free_bytes(DATA_ROOT)
                 if free < MIN_FREE_BYTES:
                     raise ImageBuildError(
                         f"{free / 1e9:.1f} GB free under {DATA_ROOT}; the builds need {MIN_FREE_BYTES / 1e9:.0f} GB"
@@ -764,6 +767,7 @@ def load_into_containerd(
     ]
     if not missing:
         log(f"containerd {socket} ({namespace}) has both images")
+        _remove_older_in_containerd(ctr, socket, namespace, images)
         return []
     with build_lock(), PrivateDocker() as docker, timed(f"import {', '.join(missing)} into {socket}"):
         # One stream for both: their shared layers travel once.
@@ -783,7 +787,32 @@ def load_into_containerd(
     for tag, ref in zip(missing, refs):
         if _config_digest_in_containerd(ctr, socket, namespace, ref) != images.ids.get(tag):
             raise ImageBuildError(f"{ref} is not in containerd {socket} after the import")
+    _remove_older_in_containerd(ctr, socket, namespace, images)
     return refs
+
+
+def older_in_containerd(refs: Sequence[str], images: Images) -> list[str]:
+    """Which containerd refs are earlier builds of ours (any of our repositories, a test- tag, not ``images``'s)."""
+    current = {containerd_ref(tag) for tag in images.tags}
+    ours = {containerd_ref(f"{repo}:{TAG_PREFIX}").rsplit(":", 1)[0] for repo in REPOS}
+    return [
+        ref
+        for ref in refs
+        if ref not in current
+        and ":" in ref
+        and ref.rsplit(":", 1)[0] in ours
+        and ref.rsplit(":", 1)[1].startswith(TAG_PREFIX)
+    ]
+
+
+def _remove_older_in_containerd(ctr: str, socket: Path, namespace: str, images: Images) -> None:
+    """Only the images just imported stay: each earlier set holds ~6 GB (containerd collects their content
+    and snapshots once no image names them)."""
+    listed = _ctr(ctr, socket, namespace, "images", "ls", "--quiet", capture_output=True, text=True)
+    old = older_in_containerd(listed.stdout.split(), images) if listed.returncode == 0 else []
+    if old:
+        _ctr(ctr, socket, namespace, "images", "rm", *old, capture_output=True, text=True)
+        log(f"removed earlier images from containerd {socket}: {', '.join(old)}")
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -162,3 +162,21 @@ def test_only_our_tags_beyond_the_newest_builds_are_removed() -> None:
         "lsbert-base:test-b0",
     ]
     assert images.superseded(tags, stamps, keep_builds=3) == ["lsbert-base:test-b0"]
+
+
+def test_only_our_earlier_images_are_removed_from_the_nodes_containerd() -> None:
+    current = images.Images("lsbert-predictor:test-cccccccccccc", "lsbert-trainer:test-cccccccccccc")
+    refs = [
+        "docker.io/library/lsbert-predictor:test-cccccccccccc",
+        "docker.io/library/lsbert-trainer:test-cccccccccccc",
+        "docker.io/library/lsbert-predictor:test-aaaaaaaaaaaa",
+        "docker.io/library/lsbert-trainer:test-aaaaaaaaaaaa",
+        "docker.io/library/lsbert-predictor:dev",
+        "docker.io/library/lsbert-pause:test-1",
+        "registry.k8s.io/pause:3.10",
+        "sha256:0123",
+    ]
+    assert images.older_in_containerd(refs, current) == [
+        "docker.io/library/lsbert-predictor:test-aaaaaaaaaaaa",
+        "docker.io/library/lsbert-trainer:test-aaaaaaaaaaaa",
+    ]
