@@ -182,6 +182,25 @@ Secrets: each helper returns the Secret name to reference, or "" when the value 
 {{- end -}}
 {{- end }}
 
+{{/*
+basicAuth of the ServiceMonitor / PodMonitor endpoint: the Prometheus Operator reads the user and password
+from the Secret that holds the predictor's credentials (the chart's, or basicAuth.existingSecret: both use
+basicAuth.userKey / passwordKey), in the monitor's namespace. Nothing when basic auth is off or /metrics is
+served without it (metrics.withoutAuth).
+*/}}
+{{- define "lsbert.monitorBasicAuth" -}}
+{{- $secret := include "lsbert.basicAuthSecret" . -}}
+{{- if and $secret (not .Values.metrics.withoutAuth) -}}
+basicAuth:
+  username:
+    name: {{ $secret }}
+    key: {{ .Values.basicAuth.userKey }}
+  password:
+    name: {{ $secret }}
+    key: {{ .Values.basicAuth.passwordKey }}
+{{- end -}}
+{{- end }}
+
 {{- define "lsbert.hfSecret" -}}
 {{- if .Values.huggingface.existingSecret -}}
 {{ .Values.huggingface.existingSecret }}
@@ -509,6 +528,10 @@ prometheus.kserve.io/path: /metrics
         secretKeyRef:
           name: {{ . }}
           key: {{ $.Values.basicAuth.passwordKey }}
+    {{- end }}
+    {{- if $.Values.metrics.withoutAuth }}
+    - name: METRICS_WITHOUT_AUTH
+      value: "true"
     {{- end }}
     - name: TRAINING_LAUNCHER
       value: {{ $.Values.trainer.launcher | quote }}

@@ -168,6 +168,13 @@ CASES: dict[str, Case] = {
     "autoscaling-isvc": Case(
         {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}}, kserve_api=True, isvc=True
     ),
+    # The Prometheus Operator monitor with basic auth: it carries secretKeyRefs, never the credentials.
+    "monitor-inline-secrets-plain": Case({**INLINE_SECRETS, "metrics": {"serviceMonitor": {"enabled": True}}}),
+    "monitor-existing-secrets-isvc": Case(
+        {**EXISTING_SECRETS, "metrics": {"serviceMonitor": {"enabled": True}, "withoutAuth": True}},
+        kserve_api=True,
+        isvc=True,
+    ),
     "custom-names": Case(
         {
             "model": {"name": "sentiment"},
@@ -231,6 +238,10 @@ def test_every_object_is_valid(case: Case, isvc_validator: Any, request: pytest.
             assert not errors, f"InferenceService {name}: " + "; ".join(
                 f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
             )
+            continue
+        if kind in ("ServiceMonitor", "PodMonitor"):  # the Prometheus Operator's CRD schema
+            monitor_errors = request.getfixturevalue("monitor_validator")(obj)
+            assert not monitor_errors, f"{kind} {name}: " + "; ".join(monitor_errors)
             continue
         for version in versions:
             # strict: unknown fields fail; a kind without a schema raises SchemaNotFoundError (never a warning).
@@ -415,7 +426,10 @@ def test_trainer_service_account_has_no_token_and_no_role() -> None:
 # ----------------------------------------------------------------------------------------- secrets
 
 
-@pytest.mark.parametrize("name", ["s3-inline-secrets-isvc", "s3-inline-secrets-plain", "rollout-restart-gpu-s3"])
+@pytest.mark.parametrize(
+    "name",
+    ["s3-inline-secrets-isvc", "s3-inline-secrets-plain", "rollout-restart-gpu-s3", "monitor-inline-secrets-plain"],
+)
 def test_secret_values_only_in_secrets(name: str) -> None:
     m = CASES[name].manifest()
     data = m.secret_data()
