@@ -1,6 +1,8 @@
-"""Metrics under basic auth, offline: the ServiceMonitor / PodMonitor sends the predictor's own credentials
-(secretKeyRefs to the Secret the predictor reads, in the monitor's namespace) and validates against the
-Prometheus Operator's CRD schema; metrics.withoutAuth opens /metrics for annotation scraping."""
+"""Metrics under basic auth and settings that reach the predictor, offline: the ServiceMonitor / PodMonitor
+sends the predictor's own credentials (secretKeyRefs to the Secret the predictor reads, in the monitor's
+namespace) and validates against the Prometheus Operator's CRD schema; metrics.withoutAuth opens /metrics
+for annotation scraping; settings such as HEAD_ENABLED land in the predictor's environment and mean there
+what lsbert's own settings parser makes of them."""
 
 from __future__ import annotations
 
@@ -178,3 +180,30 @@ def test_notes_say_how_prometheus_gets_past_basic_auth() -> None:
     assert "/metrics answers without credentials" in opened and "needs the credentials" not in opened
     assert "/metrics" not in _notes({**OWN_SECRET, "metrics": {"enabled": False}})
     assert "/metrics" not in _notes({})
+
+
+# ------------------------------------------------------------------------------- 3. embedding head
+
+
+def test_head_settings_reach_the_predictor() -> None:
+    values = {
+        "settings": {"HEAD_ENABLED": False, "HEAD_MIN_LABELS": 20, "HEAD_MAX_EXAMPLES": 500},
+    }
+    m = render(values)
+    data = m.get("ConfigMap", f"{FULLNAME}-settings")["data"]
+    assert (data["HEAD_ENABLED"], data["HEAD_MIN_LABELS"], data["HEAD_MAX_EXAMPLES"]) == ("false", "20", "500")
+    assert {"configMapRef": {"name": f"{FULLNAME}-settings"}} in m.predictor_container()["envFrom"]
+    loaded = predictor_settings(m)
+    assert (loaded.head_enabled, loaded.head_min_labels, loaded.head_max_examples) == (False, 20, 500)
+    assert loaded.head_max_total_examples == Settings.model_fields["head_max_total_examples"].default
+    assert predictor_settings(render()).head_enabled is True, "on unless a setting turns it off"
+    # The same on the InferenceService.
+    isvc = render(values, kserve_api=True)
+    assert predictor_settings(isvc).head_enabled is False
+
+
+def test_values_document_the_head_settings() -> None:
+    text = (CHART / "values.yaml").read_text()
+    settings_comment = text[: text.index("\nsettings:")]
+    for name in ("HEAD_ENABLED", "HEAD_MIN_LABELS", "HEAD_MAX_EXAMPLES", "HEAD_MAX_TOTAL_EXAMPLES"):
+        assert name in settings_comment and name.lower() in Settings.model_fields, name
