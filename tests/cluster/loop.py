@@ -40,6 +40,12 @@ def connect(ls, release: harness.Release, title: str, n_tasks: int, seed: int = 
     return {"project": project, "task_ids": task_ids, "truth": truth, "backend": backend}
 
 
+def is_finetuned(version: str) -> bool:
+    """A fine-tuned checkpoint's version, not what serves before one (zero-shot, the embedding head or the
+    label prior, which annotating alone may switch between)."""
+    return not version.startswith(("zeroshot-", "head-", "prior-"))
+
+
 def served_version(release: harness.Release, project) -> str:
     setup = {"project": f"{project.id}.0", "schema": project.label_config}
     resp = release.post("/setup", json=setup)
@@ -155,7 +161,7 @@ def full_loop(
 
     def swapped() -> str | None:
         version = served_version(release, project)
-        return version if version != before else None
+        return version if is_finetuned(version) else None
 
     try:
         after = harness.wait_for(swapped, swap_timeout, "the predictor to serve the new version", interval=2)

@@ -87,7 +87,6 @@ def test_trainer_pod_deleted_mid_run_fails_the_run_and_keeps_serving(
     )
     ctx = loop.connect(node_label_studio, release, "cluster pod deleted", 120)
     project = ctx["project"]
-    before = loop.served_version(release, project)
     loop.annotate(node_label_studio, ctx["task_ids"], ctx["truth"])
     node_label_studio.request("POST", f"/api/ml/{ctx['backend']['id']}/train", json={"use_ground_truth": False})
     job = loop.wait_job(release, project.id)["metadata"]["name"]
@@ -98,9 +97,11 @@ def test_trainer_pod_deleted_mid_run_fails_the_run_and_keeps_serving(
         return "model:" in logs or "train" in logs.split("data:", 1)[-1]
 
     harness.wait_for(training, 180, "the trainer to start training")
+    before = loop.served_version(release, project)  # the annotations' embedding head, by now
     control_plane.kubectl("delete", "pod", pod, "-n", namespace, "--wait=false")
     text = loop.reported(release, project.id, ('"failed"',), "the failed run in /health")
-    assert loop.served_version(release, project) == before
+    after = loop.served_version(release, project)
+    assert after == before and not loop.is_finetuned(after), (before, after)
     print(f"deleted trainer pod reported: {text[:300]}")
 
 

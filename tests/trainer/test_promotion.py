@@ -111,3 +111,29 @@ def test_the_gate_compares_with_a_serving_embedding_head(tmp_path):
     state.serves = False
     store.write_head(3, state.to_bytes())
     assert evaluate_serving(store, 3, None, spec, validation, runtime, MINILM, threshold=0.5).kind is ModelKind.ZEROSHOT
+
+
+def test_a_head_that_saw_the_validation_tasks_is_refitted_without_them():
+    """The head learns from every annotation, the trainer's validation split included: the gate scores a head
+    refitted on the other examples, the same way, so a fine-tune is not held to the head's training score."""
+    from lsbert.model.head import fit
+    from lsbert.model.headstate import HeadState, Labelled
+    from lsbert.trainer.dataset import Example
+    from lsbert.trainer.promotion import head_without
+
+    rng = np.random.default_rng(0)
+    labels = ("a", "b")
+    vectors = rng.normal(size=(60, 16)).astype(np.float32)
+    answers = [(labels[int(v[0] > 0)],) for v in vectors]
+    state = HeadState("baseline", labels, False)
+    for task, (vector, answer) in enumerate(zip(vectors, answers)):
+        state.examples[task] = Labelled(vector, answer, task, float(task))
+    state.head = fit(vectors, answers, labels, False)
+    validation = [Example(f"text {t}", answers[t], t) for t in range(40, 60)]
+
+    refitted = head_without(state, validation)
+    expected = fit(vectors[:40], answers[:40], labels, False)
+    assert refitted.examples == 40 and np.allclose(refitted.coef, expected.coef, atol=1e-5)
+    assert not np.allclose(refitted.coef, state.head.coef, atol=1e-3)
+    # validation tasks it never saw: the stored head itself
+    assert head_without(state, [Example("x", ("a",), 999)]) is state.head

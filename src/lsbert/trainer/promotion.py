@@ -24,7 +24,7 @@ from lsbert.labelconfig import ClassificationSpec
 from lsbert.model import ModelKind
 from lsbert.model.decision import choose
 from lsbert.model.engine import SequenceClassifier, ZeroShotClassifier
-from lsbert.model.head import Head
+from lsbert.model.head import Head, fit, prior
 from lsbert.model.headstate import HeadState
 from lsbert.model.runtime import Runtime, release_memory
 from lsbert.store import CheckpointStore, StoreError
@@ -172,6 +172,21 @@ def serving_head(store: CheckpointStore, project: int, baseline_model: str) -> O
     return state
 
 
+def head_without(state: HeadState, validation: Sequence[Example]) -> Head:
+    """The serving head refitted, the same way, on its examples less the validation tasks: the head has
+    usually seen them (it learns from every annotation), and scoring it on its own training examples would
+    hold fine-tunes to an inflated score. The stored head where too few examples remain to refit."""
+    assert state.head is not None
+    held_out = {e.task_id for e in validation if e.task_id is not None}
+    order, embeddings, answers = state.arrays()
+    keep = [i for i, task_id in enumerate(order) if task_id not in held_out]
+    if len(keep) == len(order) or len(keep) < 2:
+        return state.head
+    kept_answers = [answers[i] for i in keep]
+    refit = fit if state.head.coef.any() else prior  # a serving label prior has no weights
+    return refit(embeddings[keep], kept_answers, state.head.labels, state.head.multi_label)
+
+
 def evaluate_serving(
     store: CheckpointStore,
     project: int,
@@ -212,7 +227,8 @@ def evaluate_serving(
         and state.head.multi_label == spec.multi_label
         and state.head.labels == spec.labels
     ):
-        predicted = _score_baseline(baseline_model, runtime, spec, validation, max_length, token, threshold, state.head)
+        rival = head_without(state, validation)
+        predicted = _score_baseline(baseline_model, runtime, spec, validation, max_length, token, threshold, rival)
         metrics = classification_metrics(truth, predicted, spec.labels, spec.multi_label)
         return ServingEvaluation(ModelKind.HEAD, state.version, metrics, note)
     predicted = _score_baseline(baseline_model, runtime, spec, validation, max_length, token, threshold)
