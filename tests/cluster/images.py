@@ -811,7 +811,9 @@ def _remove_older_in_containerd(ctr: str, socket: Path, namespace: str, images: 
     listed = _ctr(ctr, socket, namespace, "images", "ls", "--quiet", capture_output=True, text=True)
     old = older_in_containerd(listed.stdout.split(), images) if listed.returncode == 0 else []
     if old:
-        _ctr(ctr, socket, namespace, "images", "rm", *old, capture_output=True, text=True)
+        # --sync: containerd collects the content and snapshots before returning (not whenever it gets to it,
+        # which may be after the node is stopped)
+        _ctr(ctr, socket, namespace, "images", "rm", "--sync", *old, capture_output=True, text=True)
         log(f"removed earlier images from containerd {socket}: {', '.join(old)}")
 
 
