@@ -1,11 +1,11 @@
 """Training is bounded across projects: 12 Start Training webhooks for 12 projects against a live
 ``lsbert serve`` with the local launcher keep the predictor and its training children under 3 GB of RSS.
 
-Each run is a real ``lsbert train`` process (torch, transformers, the tokenizer: several hundred MB each)
-that reads its annotations from a Label Studio URL where nothing listens, so it fails after its start-up;
-MAX_CONCURRENT_TRAINING_RUNS (default 2) is what keeps the total bounded. RSS is read from /proc for the
-server and every descendant, summed (shared pages counted once per process: an upper bound). About 45 s
-on two cores: the twelve runs go two at a time.
+Each run is a real ``lsbert train`` process that reads its annotations from a Label Studio URL where nothing
+listens, so it fails. Two things keep the total bounded, and the test checks both: MAX_CONCURRENT_TRAINING_RUNS
+(2 here) caps the children alive at once, and a run loads torch and transformers (~650 MB of RSS each) only
+once it has its data, so runs that cannot get any stay small and end in about a second. RSS is read from /proc
+for the server and every descendant, summed (shared pages counted once per process: an upper bound).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import requests
 from tests.conftest import free_port
 
 PROJECTS = range(1, 13)
+CONCURRENT_RUNS = 2
 LIMIT_BYTES = 3 * 1024**3
 HEALTH_BUDGET_S = 1.0
 
@@ -62,7 +63,12 @@ def tree_rss(root: int) -> tuple[int, int]:
 def test_twelve_projects_training_stay_under_3_gb(server_factory) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"  # no Label Studio: every run fails after its start-up
     server = server_factory(
-        {"TRAINING_LAUNCHER": "local", "LABEL_STUDIO_URL": nowhere, "LABEL_STUDIO_API_KEY": "memory-test-key"},
+        {
+            "TRAINING_LAUNCHER": "local",
+            "LABEL_STUDIO_URL": nowhere,
+            "LABEL_STUDIO_API_KEY": "memory-test-key",
+            "MAX_CONCURRENT_TRAINING_RUNS": str(CONCURRENT_RUNS),
+        },
         name="memory",
     )
     pid = server.proc.pid
@@ -89,4 +95,5 @@ def test_twelve_projects_training_stay_under_3_gb(server_factory) -> None:
     )
     assert all(t["runs_started"] == 1 and t["last"]["phase"] == "failed" for t in training.values())
     assert peak < LIMIT_BYTES, f"peak RSS {peak / 2**30:.2f} GiB"
+    assert 1 <= peak_children <= CONCURRENT_RUNS, f"{peak_children} training processes alive at once"
     assert slowest_health < HEALTH_BUDGET_S
